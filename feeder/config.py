@@ -230,7 +230,7 @@ def _build_section(name: str, cls: type, raw: dict[str, Any], root: Path) -> Any
 def _check(config: Config) -> None:
     """Cross-field checks that a type alone cannot express."""
     try:
-        config.site.tz
+        ZoneInfo(config.site.timezone)
     except (ZoneInfoNotFoundError, ValueError) as e:
         raise ConfigError("site.timezone", f"unknown time zone {config.site.timezone!r}") from e
     base = urlsplit(config.site.base_url)

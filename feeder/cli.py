@@ -1,0 +1,208 @@
+"""The command line: thin commands over the core, known errors as one line and exit 1."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichBar
+
+from feeder import __version__
+from feeder.config import Config, load_config
+from feeder.exceptions import FeederError, SourceError
+from feeder.refresh import RefreshSummary, lock, open_refresher
+from feeder.sources import SOURCE_SUFFIXES, SourceParser
+from feeder.store import Store
+
+_STAGES = {"parse": "Parsing sources", "images": "Fetching images", "write": "Writing feeds"}
+
+
+class TerminalProgress:
+    """Shows each stage of a refresh as a rich progress bar."""
+
+    def __init__(self, bar: RichBar) -> None:
+        self._bar = bar
+        self._tasks: dict[str, TaskID] = {}
+
+    def start(self, stage: str, total: int) -> None:
+        if total:
+            self._tasks[stage] = self._bar.add_task(_STAGES.get(stage, stage), total=total)
+
+    def advance(self, stage: str, amount: int = 1) -> None:
+        if stage in self._tasks:
+            self._bar.advance(self._tasks[stage], amount)
+
+
+@click.group()
+@click.option("-c", "--config", "config_file", type=click.Path(dir_okay=False),
+              envvar="FEEDER_CONFIG", help="Config file (default: ./config.yaml).")
+@click.option("-v", "--verbose", is_flag=True, help="Log what happens, not only problems.")
+@click.version_option(__version__, prog_name="feeder")
+@click.pass_context
+def cli(ctx: click.Context, config_file: str | None, verbose: bool) -> None:
+    """feeder: republish a folder of article files as RSS, Atom and JSON feeds."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s" if verbose else "%(message)s",
+        stream=sys.stderr,
+    )
+    ctx.obj = _ConfigLoader(config_file)
+
+
+class _ConfigLoader:
+    """Loads the config when a command first needs it, so --help never fails."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+
+    def load(self) -> Config:
+        try:
+            return load_config(self.path)
+        except FeederError as e:
+            raise click.ClickException(f"config: {e}") from e
+
+
+@contextmanager
+def _known_errors() -> Iterator[None]:
+    """Turn feeder's errors into one clear line and exit status 1."""
+    try:
+        yield
+    except FeederError as e:
+        raise click.ClickException(str(e)) from e
+
+
+@cli.command()
+@click.pass_obj
+def refresh(loader: _ConfigLoader) -> None:
+    """Publish the feeds now: scan, parse, fetch images, write what changed.
+
+    A running daemon is asked to do it; with none, it runs here.
+    """
+    config = loader.load()
+    with _known_errors():
+        summary = _refresh_here(config)
+    click.echo(summary.line())
+
+
+def _refresh_here(config: Config) -> RefreshSummary:
+    with lock(config), open_refresher(config) as refresher:
+        if not sys.stderr.isatty():
+            return asyncio.run(refresher.refresh())
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn())
+        with RichBar(*columns, transient=True) as bar:
+            return asyncio.run(refresher.refresh(TerminalProgress(bar)))
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
+@click.pass_obj
+def check(loader: _ConfigLoader, paths: tuple[Path, ...]) -> None:
+    """Report bad sources (all of sources/ by default); exit 1 if any is refused."""
+    config = loader.load()
+    parser = SourceParser(config)
+    refused = 0
+    for file in _source_files(paths or (config.paths.sources,)):
+        name = _display_path(file, config.paths.sources)
+        try:
+            data = file.read_bytes()
+            mtime = datetime.fromtimestamp(file.stat().st_mtime, UTC)
+            article = parser.parse(name, data, mtime)
+        except OSError as e:
+            click.echo(f"{name}: cannot read: {e.strerror}")
+            refused += 1
+            continue
+        except SourceError as e:
+            click.echo(str(e))
+            refused += 1
+            continue
+        for warning in article.warnings:
+            click.echo(f"{name}: warning: {warning}")
+    if refused:
+        sys.exit(1)
+
+
+def _source_files(paths: tuple[Path, ...]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            yield from sorted(
+                p for p in path.rglob("*")
+                if p.is_file() and p.suffix.lower() in SOURCE_SUFFIXES
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+        else:
+            yield path
+
+
+def _display_path(file: Path, sources: Path) -> str:
+    """A file's path relative to sources/ when it is inside, else as given."""
+    try:
+        return file.resolve().relative_to(sources.resolve()).as_posix()
+    except ValueError:
+        return str(file)
+
+
+@cli.command()
+@click.pass_obj
+def status(loader: _ConfigLoader) -> None:
+    """Show the last refreshes, failing sources and failing images."""
+    config = loader.load()
+    with _known_errors():
+        store = Store.open(config.database)
+        try:
+            _print_status(store)
+        finally:
+            store.close()
+
+
+def _print_status(store: Store) -> None:
+    refreshes = store.last_refreshes()
+    if not refreshes:
+        click.echo("never refreshed")
+    for r in refreshes:
+        click.echo(f"refresh {r['finished']}: {RefreshSummary(**_summary_fields(r)).line()}")
+    click.echo(f"{store.count_articles()} articles in {len(store.categories())} categories")
+    for path, error, warnings in store.source_problems():
+        if error:
+            click.echo(f"failing source {path}: {error}")
+        for warning in warnings:
+            click.echo(f"source {path}: warning: {warning}")
+    for image in store.failing_images():
+        click.echo(f"failing image {image.url}: {image.error} "
+                   f"({image.failures} failures, next attempt {image.next_attempt:%Y-%m-%d %H:%M:%S}Z)")
+
+
+def _summary_fields(record: dict[str, object]) -> dict[str, object]:
+    fields = RefreshSummary.__dataclass_fields__
+    return {k: tuple(v) if k == "errors" else v  # type: ignore[call-overload]
+            for k, v in record.items() if k in fields}
+
+
+@cli.command()
+@click.pass_obj
+def gc(loader: _ConfigLoader) -> None:
+    """Delete cached images that no article references any more."""
+    config = loader.load()
+    with _known_errors(), lock(config):
+        store = Store.open(config.database)
+        try:
+            with store.transaction():
+                store.forget_unreferenced_images()
+            keep = store.referenced_image_names()
+        finally:
+            store.close()
+        removed = freed = 0
+        cache = config.paths.cache
+        for file in sorted(cache.iterdir()) if cache.is_dir() else ():
+            if file.is_file() and file.name not in keep:
+                freed += file.stat().st_size
+                file.unlink()
+                removed += 1
+        click.echo(f"{removed} cached images removed, {freed} bytes freed, {len(keep)} kept")

@@ -1,0 +1,309 @@
+"""Feeds: build documents (RSS, Atom, JSON Feed, article pages, OPML, index) as bytes.
+
+Everything here is pure: the same articles and images give the same bytes, never
+depending on the clock, so an unchanged feed keeps its ETag. Writing is elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from urllib.parse import quote
+from xml.etree import ElementTree
+
+from feedgen.ext.base import BaseEntryExtension, BaseExtension
+from feedgen.feed import FeedEntry, FeedGenerator
+from lxml import etree
+
+from feeder import __version__
+from feeder.config import Config
+from feeder.images import rewrite_image_urls
+from feeder.sources import article_guid
+from feeder.types import Article, CachedImageInfo
+
+#: Date of a feed with no items: feeds must carry one, and it must not be the clock's.
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NOT_SLUG = re.compile(r"[\W_]+")
+FEED_FILES = ("rss.xml", "atom.xml", "feed.json")
+
+
+@dataclass(frozen=True)
+class FeedInfo:
+    """One feed: all articles, or one category's."""
+
+    #: The category, or None for the feed of every article.
+    category: str | None
+    #: Folder under ``feeds/``, e.g. ``categories/金融`` or ``all``.
+    folder: str
+    #: Feed title shown by readers.
+    title: str
+
+
+@dataclass(frozen=True)
+class Links:
+    """Absolute URLs of what feeder publishes, from ``site.base_url``."""
+
+    #: ``site.base_url`` without trailing slash.
+    base_url: str
+
+    def file(self, path: str) -> str:
+        """URL of a file under ``feeds/``, percent-encoded: RSS forbids raw non-ASCII URLs."""
+        return f"{self.base_url}/feeds/{quote(path)}"
+
+    def feed(self, folder: str, file: str) -> str:
+        return self.file(f"{folder}/{file}")
+
+    def page(self, article: Article) -> str:
+        return self.file(article_page_path(article.id))
+
+    def item_link(self, article: Article) -> str:
+        """The item's link: the source's own, else its page on this site."""
+        return article.link or self.page(article)
+
+    def image(self, name: str) -> str:
+        return f"{self.base_url}/images/{quote(name)}"
+
+    def home(self) -> str:
+        return f"{self.base_url}/"
+
+
+def article_page_path(article_id: str) -> str:
+    """Where an article's page lands under ``feeds/``."""
+    return f"articles/{article_id}.html"
+
+
+def slugify(name: str) -> str:
+    """A path-safe slug: letters and digits kept (case too), other runs become ``-``."""
+    slug = _NOT_SLUG.sub("-", name).strip("-")
+    return slug or "c-" + _short_hash(name)
+
+
+def category_slugs(categories: Iterable[str], overrides: Mapping[str, str]) -> dict[str, str]:
+    """Slug of each category; two categories sharing a slug both get a hash suffix."""
+    slugs = {name: overrides.get(name) or slugify(name) for name in categories}
+    count: dict[str, int] = {}
+    for slug in slugs.values():
+        count[slug] = count.get(slug, 0) + 1
+    return {
+        name: f"{slug}-{_short_hash(name)}" if count[slug] > 1 else slug
+        for name, slug in slugs.items()
+    }
+
+
+def feed_infos(config: Config, slugs: Mapping[str, str]) -> list[FeedInfo]:
+    """The feed of every article, then one per category, by category name."""
+    site = config.site.title
+    feeds = [FeedInfo(None, "all", site)]
+    feeds += [FeedInfo(c, f"categories/{slugs[c]}", f"{site}: {c}") for c in sorted(slugs)]
+    return feeds
+
+
+def image_urls(images: Mapping[str, CachedImageInfo], links: Links) -> dict[str, str]:
+    """Original URL to cached URL, for every cached image."""
+    return {url: links.image(image.name) for url, image in images.items()}
+
+
+def build_feed(feed: FeedInfo, articles: Sequence[Article],
+               images: Mapping[str, CachedImageInfo], config: Config) -> dict[str, bytes]:
+    """The feed's three documents: ``{"rss.xml": ..., "atom.xml": ..., "feed.json": ...}``."""
+    links = Links(config.site.base_url)
+    cached = image_urls(images, links)
+    updated = max((a.last_change for a in articles), default=_EPOCH)
+    gen = FeedGenerator()
+    gen.register_extension("enclosure", _EnclosureExtension, _EnclosureEntryExtension)
+    gen.load_extension("dc")
+    gen.id(_feed_guid(feed))
+    gen.title(feed.title)
+    gen.subtitle(f"{feed.title}, republished by feeder")
+    gen.author({"name": config.site.title})
+    gen.link(href=links.home(), rel="alternate")
+    gen.generator("feeder", __version__)
+    gen.updated(updated)
+    gen.ttl(math.ceil(config.schedule.interval / 60))
+    # feedgen puts the last entry added first: add the oldest first.
+    for article in reversed(articles):
+        _add_entry(gen.add_entry(), article, images, cached, links)
+    gen.link(href=links.feed(feed.folder, "atom.xml"), rel="self", replace=True)
+    atom = gen.atom_str(pretty=True)
+    gen.link(href=links.feed(feed.folder, "rss.xml"), rel="self", replace=True)
+    rss = gen.rss_str(pretty=True)
+    return {
+        "rss.xml": rss,
+        "atom.xml": atom,
+        "feed.json": _json_feed(feed, articles, images, cached, links),
+    }
+
+
+def _add_entry(entry: FeedEntry, article: Article, images: Mapping[str, CachedImageInfo],
+               cached: Mapping[str, str], links: Links) -> None:
+    entry.id(article_guid(article.path))
+    entry.guid(article_guid(article.path), permalink=False)
+    entry.title(article.title)
+    entry.link(href=links.item_link(article), rel="alternate")
+    entry.published(article.published)
+    entry.updated(article.last_change)
+    entry.content(rewrite_image_urls(article.content, cached), type="html")
+    if article.author:
+        entry.author({"name": article.author})
+        entry.dc.dc_creator(article.author)
+    for name in (*article.categories, *article.tags):
+        entry.category(term=name)
+    head = images.get(article.headimg or "")
+    if head is not None:
+        entry.enclosure.set(links.image(head.name), head.size, head.mime)
+
+
+def _json_feed(feed: FeedInfo, articles: Sequence[Article],
+               images: Mapping[str, CachedImageInfo], cached: Mapping[str, str],
+               links: Links) -> bytes:
+    """JSON Feed 1.1 (https://jsonfeed.org/version/1.1)."""
+    items = []
+    for article in articles:
+        item: dict[str, object] = {
+            "id": article_guid(article.path),
+            "url": links.item_link(article),
+            "title": article.title,
+            "content_html": rewrite_image_urls(article.content, cached),
+            "date_published": _rfc3339(article.published),
+            "date_modified": _rfc3339(article.last_change),
+        }
+        if article.author:
+            item["authors"] = [{"name": article.author}]
+        if article.categories or article.tags:
+            item["tags"] = [*article.categories, *article.tags]
+        if article.headimg:
+            item["image"] = cached.get(article.headimg, article.headimg)
+            head = images.get(article.headimg)
+            if head is not None:
+                item["attachments"] = [{"url": item["image"], "mime_type": head.mime,
+                                        "size_in_bytes": head.size}]
+        items.append(item)
+    document = {
+        "version": "https://jsonfeed.org/version/1.1",
+        "title": feed.title,
+        "home_page_url": links.home(),
+        "feed_url": links.feed(feed.folder, "feed.json"),
+        "items": items,
+    }
+    return json.dumps(document, ensure_ascii=False, indent=2).encode() + b"\n"
+
+
+def build_article_page(article: Article, images: Mapping[str, CachedImageInfo],
+                       slugs: Mapping[str, str], config: Config) -> bytes:
+    """A readable page of one article: the item's link when the source has none."""
+    links = Links(config.site.base_url)
+    esc = html.escape
+    categories = ", ".join(
+        f'<a href="{esc(links.feed("categories/" + slugs[c], "rss.xml"))}">{esc(c)}</a>'
+        for c in article.categories if c in slugs
+    )
+    byline = " · ".join(filter(None, [
+        esc(article.author or ""),
+        f'<time datetime="{_rfc3339(article.published)}">'
+        f'{article.published.strftime("%Y-%m-%d %H:%M UTC")}</time>',
+        categories,
+    ]))
+    body = rewrite_image_urls(article.content, image_urls(images, links))
+    return _page(article.title, f"<article>\n<h1>{esc(article.title)}</h1>\n"
+                 f'<p class="byline">{byline}</p>\n{body}\n</article>', head="")
+
+
+def build_opml(feeds: Sequence[FeedInfo], config: Config) -> bytes:
+    """OPML 2.0 listing every feed, so a reader imports them all at once."""
+    links = Links(config.site.base_url)
+    opml = ElementTree.Element("opml", version="2.0")
+    head = ElementTree.SubElement(opml, "head")
+    ElementTree.SubElement(head, "title").text = config.site.title
+    body = ElementTree.SubElement(opml, "body")
+    for feed in feeds:
+        ElementTree.SubElement(body, "outline", type="rss", text=feed.title, title=feed.title,
+                               xmlUrl=links.feed(feed.folder, "rss.xml"),
+                               htmlUrl=links.home())
+    ElementTree.indent(opml)
+    return ElementTree.tostring(opml, encoding="utf-8", xml_declaration=True) + b"\n"
+
+
+def build_index(feeds: Sequence[FeedInfo], counts: Mapping[str, int], config: Config) -> bytes:
+    """The index page: every feed for a person, with autodiscovery links for readers."""
+    links = Links(config.site.base_url)
+    esc = html.escape
+    discovery = "".join(
+        f'<link rel="alternate" type="application/rss+xml" title="{esc(f.title)}" '
+        f'href="{esc(links.feed(f.folder, "rss.xml"))}">\n' for f in feeds
+    )
+    rows = []
+    for feed in feeds:
+        count = counts.get(feed.category, 0) if feed.category else sum(counts.values())
+        name = esc(feed.category or "All articles")
+        formats = " ".join(
+            f'<a href="{esc(links.feed(feed.folder, file))}">{label}</a>'
+            for file, label in zip(FEED_FILES, ("RSS", "Atom", "JSON"), strict=True)
+        )
+        rows.append(f"<li>{name} ({count}): {formats}</li>")
+    opml = esc(links.file("index.opml"))
+    body = (f"<h1>{esc(config.site.title)}</h1>\n<p>Subscribe to a feed, or import "
+            f'<a href="{opml}">all of them (OPML)</a>.</p>\n<ul>\n' + "\n".join(rows) + "\n</ul>")
+    return _page(config.site.title, body, head=discovery)
+
+
+def _page(title: str, body: str, head: str) -> bytes:
+    return (
+        "<!DOCTYPE html>\n<html>\n<head>\n<meta charset=\"utf-8\">\n"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        '<meta name="referrer" content="no-referrer">\n'
+        f"<title>{html.escape(title)}</title>\n{head}"
+        "<style>body{max-width:42em;margin:2em auto;padding:0 1em;font-family:sans-serif;"
+        "line-height:1.6}img{max-width:100%;height:auto}.byline{color:#666}</style>\n"
+        f"</head>\n<body>\n{body}\n</body>\n</html>\n"
+    ).encode()
+
+
+def _feed_guid(feed: FeedInfo) -> str:
+    """Feed id independent of ``site.base_url``."""
+    return article_guid(f"feed:{feed.category}" if feed.category else "feed:all")
+
+
+def _rfc3339(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _short_hash(name: str) -> str:
+    return hashlib.sha1(name.encode("utf-8")).hexdigest()[:6]
+
+
+class _EnclosureExtension(BaseExtension):
+    """Feed half of the enclosure extension (feedgen needs one; it adds nothing)."""
+
+
+class _EnclosureEntryExtension(BaseEntryExtension):
+    """An item's enclosure, written by us for RSS and Atom alike.
+
+    feedgen 1.0.0 drops ``rel``, ``type`` and ``length`` from Atom entry links, so
+    its own enclosure becomes a second *alternate* link and readers open the image
+    instead of the article. This extension writes the elements itself.
+    """
+
+    def __init__(self) -> None:
+        self._enclosure: tuple[str, int, str] | None = None
+
+    def set(self, url: str, length: int, mime: str) -> None:
+        self._enclosure = (url, length, mime)
+
+    def extend_rss(self, entry: etree._Element) -> etree._Element:
+        if self._enclosure:
+            url, length, mime = self._enclosure
+            etree.SubElement(entry, "enclosure", url=url, length=str(length), type=mime)
+        return entry
+
+    def extend_atom(self, entry: etree._Element) -> etree._Element:
+        if self._enclosure:
+            url, length, mime = self._enclosure
+            etree.SubElement(entry, "{http://www.w3.org/2005/Atom}link", rel="enclosure",
+                             href=url, length=str(length), type=mime)
+        return entry

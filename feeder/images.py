@@ -1,0 +1,633 @@
+"""Images: find them in article HTML, fetch them into the cache, point the HTML at the copies.
+
+Only URLs found in sources are fetched, and only from allowed hosts; every redirect
+hop is checked again, the body must be a raster image by its magic bytes, the size
+cap holds while streaming, and addresses that are not public are refused after DNS
+resolution unless the host is a configured mirror. A download is written to a
+dot-prefixed ``.part`` file and renamed only once complete, so a partial image
+never appears under its final name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import logging
+import os
+import random
+import secrets
+import socket
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Final
+from urllib.parse import SplitResult, urljoin, urlsplit
+
+import aiofiles
+import aiofiles.os
+import aiohttp
+import lxml.html
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.http_exceptions import ContentLengthError
+from aiohttp.resolver import DefaultResolver
+from lxml import etree
+
+from feeder import __version__
+from feeder.config import ImagesConfig
+from feeder.exceptions import ImageError
+
+log = logging.getLogger(__name__)
+
+#: Attributes holding one image URL, on ``<img>``.
+URL_ATTRIBUTES: Final = ("src", "data-src", "data-original")
+#: Attributes holding a ``srcset`` (comma-separated candidates), on ``<img>`` and ``<source>``.
+SRCSET_ATTRIBUTES: Final = ("srcset", "data-srcset")
+#: Redirect hops followed per attempt.
+MAX_REDIRECTS: Final = 3
+#: Longest ``Retry-After`` waited for within one call; a longer one ends the attempts.
+MAX_RETRY_WAIT: Final = 5.0
+#: Longest back-off between two refreshes.
+MAX_RETRY_DELAY: Final = timedelta(days=1)
+#: Back-off after the first failure, doubled after each further one.
+FIRST_RETRY_DELAY: Final = timedelta(minutes=1)
+#: Bytes read before the magic bytes are checked.
+SNIFF_BYTES: Final = 16
+#: Bytes read from the network per write to disk.
+CHUNK_BYTES: Final = 64 * 1024
+
+_REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
+_SRCSET_SPACE: Final = " \t\n\r\f"
+
+
+@dataclass(frozen=True)
+class CachedImage:
+    #: Original URL as found in the source.
+    url: str
+    #: File name in the cache folder: URL hash plus the extension of the real format.
+    name: str
+    #: Bytes on disk.
+    size: int
+    #: MIME type from the magic bytes, not from the server's header.
+    mime: str
+
+
+@dataclass(frozen=True)
+class FailedImage:
+    #: Original URL as found in the source.
+    url: str
+    #: Why it failed, in one line: ``HTTP 404``, ``timed out``...
+    error: str
+    #: True when retrying within this refresh is pointless (404, not an image, too large...).
+    permanent: bool
+    #: Seconds the server asked us to wait (``Retry-After``), if it said.
+    retry_after: float | None
+
+
+ImageResult = CachedImage | FailedImage
+
+
+# -- HTML ---------------------------------------------------------------------------------
+
+
+def extract_image_urls(html: str) -> list[str]:
+    """Absolute http(s) image URLs referenced by an HTML fragment, once each, in order."""
+    root = _parse_fragment(html)
+    if root is None:
+        return []
+    found: dict[str, None] = {}
+    for element in root.iter("img", "source"):
+        for attribute in _image_attributes(element):
+            value = element.get(attribute)
+            if value is None:
+                continue
+            if attribute in SRCSET_ATTRIBUTES:
+                urls = [url for url, _ in _parse_srcset(value)]
+            else:
+                urls = [value.strip()]
+            for url in urls:
+                if _is_absolute_http(url):
+                    found.setdefault(url, None)
+    return list(found)
+
+
+def rewrite_image_urls(html: str, mapping: Mapping[str, str]) -> str:
+    """The fragment with each image URL that is a key of ``mapping`` replaced by its value.
+
+    ``html`` itself is returned when nothing is replaced, so an article without a
+    cached image costs no parse and no re-serialization.
+    """
+    if not mapping or ("&#" not in html and not any(
+        url in html or url.replace("&", "&amp;") in html for url in mapping
+    )):
+        return html
+    root = _parse_fragment(html)
+    if root is None:
+        return html
+    changed = False
+    for element in root.iter("img", "source"):
+        for attribute in _image_attributes(element):
+            value = element.get(attribute)
+            if value is None:
+                continue
+            if attribute in SRCSET_ATTRIBUTES:
+                candidates = _parse_srcset(value)
+                if not any(url in mapping for url, _ in candidates):
+                    continue
+                new = ", ".join(
+                    f"{mapping.get(url, url)} {descriptor}".rstrip()
+                    for url, descriptor in candidates
+                )
+            else:
+                if value.strip() not in mapping:
+                    continue
+                new = mapping[value.strip()]
+            element.set(attribute, new)
+            changed = True
+    if not changed:
+        return html
+    out = lxml.html.tostring(root, encoding=str, method="html")
+    # The parser drops leading whitespace; the wrapper <div> is ours, not the source's.
+    leading = html[: len(html) - len(html.lstrip())]
+    return leading + out[len("<div>") : -len("</div>")]
+
+
+def _parse_fragment(html: str) -> lxml.html.HtmlElement | None:
+    """The fragment inside a ``<div>`` of our own, or None if lxml cannot read it at all."""
+    try:
+        return lxml.html.fragment_fromstring(html, create_parent="div")
+    except (etree.ParserError, ValueError):
+        return None
+
+
+def _image_attributes(element: lxml.html.HtmlElement) -> tuple[str, ...]:
+    if element.tag == "source":
+        return SRCSET_ATTRIBUTES
+    return URL_ATTRIBUTES + SRCSET_ATTRIBUTES
+
+
+def _parse_srcset(value: str) -> list[tuple[str, str]]:
+    """``srcset`` candidates as (URL, descriptor), following the HTML parsing algorithm."""
+    candidates: list[tuple[str, str]] = []
+    i, n = 0, len(value)
+    while i < n:
+        while i < n and (value[i] in _SRCSET_SPACE or value[i] == ","):
+            i += 1
+        start = i
+        while i < n and value[i] not in _SRCSET_SPACE:
+            i += 1
+        url = value[start:i]
+        if not url:
+            break
+        descriptor = ""
+        if url.endswith(","):
+            url = url.rstrip(",")
+        else:
+            start, depth = i, 0
+            while i < n:
+                char = value[i]
+                if char == "(":
+                    depth += 1
+                elif char == ")" and depth:
+                    depth -= 1
+                elif char == "," and not depth:
+                    break
+                i += 1
+            descriptor = " ".join(value[start:i].split())
+            i += 1
+        if url:
+            candidates.append((url, descriptor))
+    return candidates
+
+
+def _is_absolute_http(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+
+
+# -- URLs and decisions -------------------------------------------------------------------
+
+
+def is_allowed(url: str, config: ImagesConfig) -> bool:
+    """True for an http(s) URL whose host is on ``config.allowed_hosts`` (exact, any case)."""
+    host = _host(url)
+    if host is None or urlsplit(url).scheme.lower() not in ("http", "https"):
+        return False
+    return host in {allowed.lower().rstrip(".") for allowed in config.allowed_hosts}
+
+
+def mirror_url(url: str, config: ImagesConfig) -> str:
+    """``url`` with its origin replaced by the configured mirror base URL, if one matches."""
+    try:
+        parts = urlsplit(url)
+        origin = _origin(parts)
+    except ValueError:
+        return url
+    for source, mirror in config.origins.items():
+        try:
+            prefix = urlsplit(source)
+            matches = _origin(prefix) == origin
+        except ValueError:
+            continue
+        base_path = prefix.path.rstrip("/")
+        if matches and (parts.path == base_path or parts.path.startswith(base_path + "/")):
+            rest = parts.path[len(base_path) :]
+            query = f"?{parts.query}" if parts.query else ""
+            return mirror.rstrip("/") + rest + query
+    return url
+
+
+def sniff_image(head: bytes) -> tuple[str, str] | None:
+    """(MIME type, extension) of a raster image from its first bytes; None for anything else."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png", ".png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg", ".jpg"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif", ".gif"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "image/webp", ".webp"
+    if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis"):
+        return "image/avif", ".avif"
+    if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"heim", b"heis"):
+        return "image/heic", ".heic"
+    if head.startswith(b"\xff\x0a") or head.startswith(b"\x00\x00\x00\x0cJXL \r\n\x87\n"):
+        return "image/jxl", ".jxl"
+    if head.startswith(b"BM") and len(head) >= 14 and head[6:10] == b"\x00\x00\x00\x00":
+        return "image/bmp", ".bmp"
+    if head.startswith(b"\x00\x00\x01\x00") and len(head) >= 6 and head[4:6] != b"\x00\x00":
+        return "image/x-icon", ".ico"
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return "image/tiff", ".tif"
+    return None
+
+
+def cache_name(url: str, extension: str) -> str:
+    """File name of ``url`` in the cache: a hash of the URL plus the real extension."""
+    return hashlib.sha256(url.encode("utf-8")).hexdigest()[:32] + extension
+
+
+def retry_delay(failures: int, retry_after: float | None = None) -> timedelta:
+    """How long after ``failures`` consecutive failures a later refresh should try again.
+
+    One minute, doubled per further failure, at least ``retry_after``, at most one day.
+    """
+    if failures < 1:
+        delay = timedelta(0)
+    elif failures > 32:  # 2**31 minutes is far beyond the cap already
+        delay = MAX_RETRY_DELAY
+    else:
+        delay = FIRST_RETRY_DELAY * 2 ** (failures - 1)
+    if retry_after is not None and retry_after > 0:
+        delay = max(delay, timedelta(seconds=min(retry_after, MAX_RETRY_DELAY.total_seconds())))
+    return min(delay, MAX_RETRY_DELAY)
+
+
+def _host(url: str) -> str | None:
+    try:
+        host = urlsplit(url).hostname
+    except ValueError:
+        return None
+    return host.rstrip(".") if host else None
+
+
+def _origin(parts: SplitResult) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the default port filled in; ValueError on a bad port."""
+    scheme = parts.scheme.lower()
+    port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    return scheme, (parts.hostname or "").rstrip("."), port
+
+
+def _mirror_hosts(config: ImagesConfig) -> frozenset[str]:
+    hosts = (_host(mirror) for mirror in config.origins.values())
+    return frozenset(host for host in hosts if host)
+
+
+def _is_public(address: str) -> bool:
+    """False for loopback, private, link-local, unspecified, multicast, reserved... addresses."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not (
+        ip.is_multicast or ip.is_reserved or ip.is_loopback or ip.is_link_local
+        or ip.is_private or ip.is_unspecified
+    )
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
+def _parse_retry_after(value: str | None, now: datetime) -> float | None:
+    """Seconds from a ``Retry-After`` header, in its seconds or HTTP-date form."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+# -- fetching -----------------------------------------------------------------------------
+
+
+class _NonPublicAddressError(OSError):
+    """A host resolved to an address feeder must not connect to."""
+
+
+class _PublicOnlyResolver(AbstractResolver):
+    """The default resolver, refusing hosts that resolve to non-public addresses.
+
+    Mirror hosts are exempt: they are named in the config, typically a local server.
+    """
+
+    def __init__(self, exempt: frozenset[str]) -> None:
+        self._resolver = DefaultResolver()
+        self._exempt = exempt
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._resolver.resolve(host, port, family)
+        if host.lower().rstrip(".") not in self._exempt:
+            for result in results:
+                if not _is_public(result["host"]):
+                    raise _NonPublicAddressError(
+                        None, f"{host} resolves to non-public address {result['host']}"
+                    )
+        return results
+
+    async def close(self) -> None:
+        await self._resolver.close()
+
+
+@dataclass
+class _Limits:
+    """Semaphores taken around each attempt, so a queued download's timeout has not started."""
+
+    #: Downloads in flight overall.
+    overall: asyncio.Semaphore
+    #: Downloads in flight per request host.
+    per_host: dict[str, asyncio.Semaphore]
+    #: Size of each per-host semaphore.
+    per_host_size: int
+
+    def host(self, host: str) -> asyncio.Semaphore:
+        if host not in self.per_host:
+            self.per_host[host] = asyncio.Semaphore(self.per_host_size)
+        return self.per_host[host]
+
+
+async def fetch_images(
+    urls: Iterable[str],
+    config: ImagesConfig,
+    cache_dir: Path,
+    *,
+    deadline: float | None = None,
+    on_result: Callable[[ImageResult], None] | None = None,
+) -> list[ImageResult]:
+    """Download each URL (once, however often given) into ``cache_dir``.
+
+    Returns one result per URL that finished within ``deadline`` seconds (default
+    ``config.deadline``), in the order given; downloads still running then are
+    cancelled, their temp files removed, and their URLs left out: they are pending.
+    ``on_result`` is called as each URL finishes. Failures are results, not errors.
+    """
+    unique = list(dict.fromkeys(urls))
+    deadline = config.deadline if deadline is None else deadline
+    await aiofiles.os.makedirs(cache_dir, exist_ok=True)
+    finished: dict[str, ImageResult] = {}
+
+    def report(result: ImageResult) -> ImageResult:
+        finished[result.url] = result
+        if on_result is not None:
+            on_result(result)
+        return result
+
+    wanted = []
+    for url in unique:
+        if is_allowed(url, config):
+            wanted.append(url)
+        else:
+            report(FailedImage(url, f"host {_host(url) or '(none)'} is not allowed", True, None))
+    if wanted:
+        limits = _Limits(asyncio.Semaphore(config.concurrency), {}, config.per_host)
+        resolver = _PublicOnlyResolver(_mirror_hosts(config))
+        try:
+            async with _open_session(config, resolver) as session:
+                tasks = [
+                    asyncio.create_task(_fetch_reported(session, limits, url, config, cache_dir,
+                                                          report))
+                    for url in wanted
+                ]
+                try:
+                    await asyncio.wait(tasks, timeout=deadline)
+                finally:
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                for task in tasks:
+                    if not task.cancelled():
+                        task.result()  # a bug in a download is raised, not hidden
+        finally:
+            await resolver.close()
+    return [finished[url] for url in unique if url in finished]
+
+
+def _open_session(config: ImagesConfig, resolver: AbstractResolver) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        limit=config.concurrency, limit_per_host=config.per_host, resolver=resolver
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        headers={"User-Agent": f"feeder/{__version__}", "Accept": "image/*"},
+        timeout=aiohttp.ClientTimeout(
+            total=config.timeout, sock_connect=min(10.0, config.timeout)
+        ),
+    )
+
+
+async def _fetch_reported(
+    session: aiohttp.ClientSession,
+    limits: _Limits,
+    url: str,
+    config: ImagesConfig,
+    cache_dir: Path,
+    report: Callable[[ImageResult], ImageResult],
+) -> ImageResult:
+    return report(await _fetch_image(session, limits, url, config, cache_dir))
+
+
+async def _fetch_image(
+    session: aiohttp.ClientSession,
+    limits: _Limits,
+    url: str,
+    config: ImagesConfig,
+    cache_dir: Path,
+) -> ImageResult:
+    """One URL, with up to ``config.attempts`` attempts on errors worth retrying."""
+    host = _host(mirror_url(url, config)) or ""
+    for attempt in range(config.attempts):
+        try:
+            async with limits.host(host), limits.overall:
+                return await _attempt(session, url, config, cache_dir)
+        except ImageError as e:
+            failure = FailedImage(url, e.reason, e.permanent, e.retry_after)
+        log.debug("%s: attempt %d: %s", url, attempt + 1, failure.error)
+        if failure.permanent or attempt + 1 == config.attempts:
+            return failure
+        if failure.retry_after is not None and failure.retry_after > MAX_RETRY_WAIT:
+            return failure  # the next refresh retries, once the server is ready
+        backoff = 0.2 * 2**attempt + random.uniform(0, 0.2)
+        await asyncio.sleep(max(backoff, failure.retry_after or 0.0))
+    raise AssertionError("config.attempts must be at least 1")
+
+
+async def _attempt(
+    session: aiohttp.ClientSession, url: str, config: ImagesConfig, cache_dir: Path
+) -> CachedImage:
+    """One attempt, redirects included; every failure is raised as an :class:`ImageError`."""
+    try:
+        return await _download(session, url, config, cache_dir)
+    except ImageError:
+        raise
+    except TimeoutError as e:  # aiohttp's timeouts are TimeoutErrors too
+        raise ImageError(url, "timed out") from e
+    except aiohttp.ClientConnectorError as e:
+        if isinstance(e.os_error, _NonPublicAddressError):
+            raise ImageError(url, e.os_error.strerror, permanent=True) from e
+        dns = isinstance(e, aiohttp.ClientConnectorDNSError)
+        what = "cannot resolve" if dns else "cannot connect to"
+        reason = e.os_error.strerror or str(e.os_error) or type(e.os_error).__name__
+        raise ImageError(url, f"{what} {e.host}:{e.port}: {reason}") from e
+    except aiohttp.ClientPayloadError as e:
+        if isinstance(e.__cause__, ContentLengthError):
+            raise ImageError(url, "body shorter than Content-Length") from e
+        raise ImageError(url, f"broken body: {e}") from e
+    except aiohttp.ServerDisconnectedError as e:
+        raise ImageError(url, "server disconnected") from e
+    except aiohttp.InvalidURL as e:
+        raise ImageError(url, f"invalid URL {e.url}", permanent=True) from e
+    except aiohttp.ClientError as e:
+        raise ImageError(url, f"{type(e).__name__}: {e}".rstrip(": ")) from e
+    except OSError as e:  # after the aiohttp errors, many of which are OSErrors
+        raise ImageError(url, f"cannot write to the cache: {e.strerror or e}") from e
+
+
+async def _download(
+    session: aiohttp.ClientSession, url: str, config: ImagesConfig, cache_dir: Path
+) -> CachedImage:
+    """Request the mirror of ``url``, following redirects by hand, and stream it to the cache."""
+    mirror_hosts = _mirror_hosts(config)
+    target = mirror_url(url, config)
+    for _hop in range(MAX_REDIRECTS + 1):
+        host = _host(target) or ""
+        if _is_ip_literal(host) and host not in mirror_hosts and not _is_public(host):
+            # aiohttp does not ask the resolver about a literal address
+            raise ImageError(url, f"{host} is a non-public address", permanent=True)
+        async with session.get(target, allow_redirects=False) as response:
+            if response.status in _REDIRECTS:
+                target = _redirect_target(url, target, response, config)
+                continue
+            if response.status != 200:
+                raise _status_error(url, response)
+            return await _save(url, response, config.max_bytes, cache_dir)
+    raise ImageError(url, f"too many redirects (more than {MAX_REDIRECTS})", permanent=True)
+
+
+def _redirect_target(
+    url: str, current: str, response: aiohttp.ClientResponse, config: ImagesConfig
+) -> str:
+    """The next URL to request, if the ``Location`` may be followed."""
+    location = response.headers.get("Location")
+    if not location:
+        raise ImageError(url, f"HTTP {response.status} without Location", permanent=True)
+    target = urljoin(current, location.strip())
+    try:
+        # A mirror need not know the origin's name, so it may redirect to itself.
+        same_mirror = _host(current) in _mirror_hosts(config) and _origin(
+            urlsplit(target)
+        ) == _origin(urlsplit(current))
+    except ValueError:
+        raise ImageError(url, f"redirect to invalid URL {location!r}", permanent=True) from None
+    if same_mirror:
+        return target
+    if is_allowed(target, config):
+        return mirror_url(target, config)
+    raise ImageError(
+        url, f"redirect to disallowed host {_host(target) or location}", permanent=True
+    )
+
+
+def _status_error(url: str, response: aiohttp.ClientResponse) -> ImageError:
+    status = response.status
+    if status == 429 or status >= 500:
+        retry_after = None
+        if status in (429, 503):
+            retry_after = _parse_retry_after(
+                response.headers.get("Retry-After"), datetime.now(UTC)
+            )
+        return ImageError(url, f"HTTP {status}", retry_after=retry_after)
+    return ImageError(url, f"HTTP {status}", permanent=True)
+
+
+async def _save(
+    url: str, response: aiohttp.ClientResponse, max_bytes: int, cache_dir: Path
+) -> CachedImage:
+    """Stream the body to a temp file, checking magic bytes and size, then rename it."""
+    too_large = f"larger than {max_bytes} bytes"
+    if response.content_length is not None and response.content_length > max_bytes:
+        raise ImageError(url, too_large, permanent=True)
+    head = b""
+    while len(head) < SNIFF_BYTES:
+        chunk = await response.content.read(SNIFF_BYTES - len(head))
+        if not chunk:
+            break
+        head += chunk
+    kind = sniff_image(head)
+    if kind is None:
+        raise ImageError(url, _not_an_image(response, head), permanent=True)
+    mime, extension = kind
+    name = cache_name(url, extension)
+    part = cache_dir / f".{name}.{secrets.token_hex(6)}.part"
+    size = len(head)
+    try:
+        async with aiofiles.open(part, "xb") as file:
+            await file.write(head)
+            async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise ImageError(url, too_large, permanent=True)
+                await file.write(chunk)
+        os.replace(part, cache_dir / name)
+    finally:
+        # Synchronous on purpose: an await here could be cancelled and leave the file.
+        part.unlink(missing_ok=True)
+    return CachedImage(url=url, name=name, size=size, mime=mime)
+
+
+def _not_an_image(response: aiohttp.ClientResponse, head: bytes) -> str:
+    if not head:
+        return "not an image (empty body)"
+    start = head.lstrip().lower()
+    if response.content_type == "image/svg+xml" or start.startswith((b"<svg", b"<?xml")):
+        return "SVG refused (only raster images are cached)"
+    return f"not an image ({response.content_type} body)"

@@ -1,0 +1,64 @@
+"""Output: put built documents on disk, atomically, inside the output folder only."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from feeder.exceptions import FeederError
+
+
+class OutputFolder:
+    """A folder that documents are written into, never outside it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+
+    def path(self, relative: str) -> Path:
+        """The absolute path of ``relative``; refuses anything that escapes the folder."""
+        target = (self.root / relative).resolve()
+        if not target.is_relative_to(self.root) or target == self.root:
+            raise FeederError(f"refusing to write outside {self.root}: {relative!r}")
+        return target
+
+    def write(self, relative: str, data: bytes) -> bool:
+        """Write ``data`` unless the file already holds exactly it; True if written.
+
+        The bytes go to a temp file beside the target, renamed into place, so a
+        reader (or a crash) never sees a half-written file.
+        """
+        target = self.path(relative)
+        try:
+            if target.stat().st_size == len(data) and target.read_bytes() == data:
+                return False
+        except FileNotFoundError:
+            pass
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp = target.with_name(f".{target.name}.tmp")
+        with open(temp, "wb") as f:
+            f.write(data)
+        os.replace(temp, target)
+        return True
+
+    def exists(self, relative: str) -> bool:
+        return self.path(relative).is_file()
+
+    def remove(self, relative: str) -> bool:
+        """Delete a file or folder; True if something was there."""
+        target = self.path(relative)
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+            return True
+        try:
+            target.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def list_folder(self, relative: str) -> list[str]:
+        """Names in a sub-folder (empty if it does not exist)."""
+        try:
+            return sorted(os.listdir(self.path(relative)))
+        except FileNotFoundError:
+            return []

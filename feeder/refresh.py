@@ -1,0 +1,344 @@
+"""One refresh: scan → parse what changed → fetch missing images → rebuild changed feeds.
+
+:class:`Refresher` is the core every trigger (CLI, timer, file watch, HTTP) calls.
+Blocking work (file reads, parsing, SQLite, feed building) runs in a worker thread
+so that a daemon's event loop keeps answering while a refresh runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+from feeder import __version__
+from feeder.config import Config
+from feeder.exceptions import LockedError, SourceError
+from feeder.feeds import (
+    FEED_FILES,
+    FeedInfo,
+    article_page_path,
+    build_article_page,
+    build_feed,
+    build_index,
+    build_opml,
+    category_slugs,
+    feed_infos,
+)
+from feeder.images import CachedImage, FailedImage, fetch_images, retry_delay
+from feeder.output import OutputFolder
+from feeder.sources import SourceParser, article_id, content_hash, scan_sources
+from feeder.store import SourceState, Store
+from feeder.types import Article, CachedImageInfo, SourceFile
+
+log = logging.getLogger(__name__)
+
+
+class Progress(Protocol):
+    """Receives progress of long stages (a terminal bar, or nothing)."""
+
+    def start(self, stage: str, total: int) -> None: ...
+
+    def advance(self, stage: str, amount: int = 1) -> None: ...
+
+
+class NoProgress:
+    def start(self, stage: str, total: int) -> None:
+        pass
+
+    def advance(self, stage: str, amount: int = 1) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class RefreshSummary:
+    """The figures of one refresh."""
+
+    #: Source files found.
+    scanned: int = 0
+    #: Sources new, edited or removed since the last refresh.
+    changed: int = 0
+    #: Sources refused (not published), in all.
+    failed: int = 0
+    #: Articles published.
+    articles: int = 0
+    #: Feed, page and index files written (unchanged ones are not).
+    written: int = 0
+    #: Images fetched into the cache.
+    images_fetched: int = 0
+    #: Images that failed this time.
+    images_failed: int = 0
+    #: Images referenced but not cached yet.
+    images_pending: int = 0
+    #: Seconds the refresh took.
+    seconds: float = 0.0
+    #: Refused sources of this refresh, as ``path: reason``.
+    errors: tuple[str, ...] = field(default=(), repr=False)
+
+    def line(self) -> str:
+        return (
+            f"{self.scanned} files scanned, {self.changed} changed, {self.failed} failed, "
+            f"{self.articles} articles, {self.written} files written; images: "
+            f"{self.images_fetched} fetched, {self.images_failed} failed, "
+            f"{self.images_pending} pending ({self.seconds:.2f}s)"
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        data = asdict(self)
+        data["errors"] = list(self.errors)
+        return data
+
+
+@dataclass
+class _Changes:
+    """What a refresh found changed, and so what it must rebuild."""
+
+    categories: set[str] = field(default_factory=set)
+    pages: set[str] = field(default_factory=set)
+    removed_pages: set[str] = field(default_factory=set)
+    count: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def any(self) -> bool:
+        return bool(self.categories or self.pages or self.removed_pages or self.count)
+
+
+class Refresher:
+    """Runs refreshes against one store and one output folder."""
+
+    def __init__(self, config: Config, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self.parser = SourceParser(config)
+        self.output = OutputFolder(config.paths.feeds)
+
+    async def refresh(self, progress: Progress | None = None) -> RefreshSummary:
+        """One full refresh. Callers make sure only one runs at a time (see :func:`lock`)."""
+        progress = progress or NoProgress()
+        started = time.perf_counter()
+        now = datetime.now(UTC)
+        files, changes = await asyncio.to_thread(self._update_sources, progress)
+        fetched, failed = await self._update_images(changes, now, progress)
+        written = await asyncio.to_thread(self._write_outputs, changes, progress)
+        problems = await asyncio.to_thread(self.store.source_problems)
+        summary = RefreshSummary(
+            scanned=len(files),
+            changed=changes.count,
+            failed=sum(1 for _, error, _ in problems if error),
+            articles=await asyncio.to_thread(self.store.count_articles),
+            written=written,
+            images_fetched=fetched,
+            images_failed=failed,
+            images_pending=await asyncio.to_thread(self.store.count_pending_images),
+            seconds=round(time.perf_counter() - started, 3),
+            errors=tuple(changes.errors),
+        )
+        await asyncio.to_thread(self.store.log_refresh, now, datetime.now(UTC), summary.to_dict())
+        return summary
+
+    # -- sources ----------------------------------------------------------------------
+
+    def _update_sources(self, progress: Progress) -> tuple[list[SourceFile], _Changes]:
+        root = self.config.paths.sources
+        files = list(scan_sources(root))
+        known = self.store.source_states()
+        changes = _Changes()
+        changed = [f for f in files if _stat_changed(known.get(f.path), f)]
+        removed = known.keys() - {f.path for f in files}
+        progress.start("parse", len(changed))
+        with self.store.transaction():
+            if removed:
+                changes.categories |= self.store.categories_of(removed)
+                changes.removed_pages |= {p for p in removed if self.store.article(p)}
+                self.store.delete_sources(removed)
+                changes.count += len(removed)
+            for file in changed:
+                self._update_source(root, file, known.get(file.path), changes)
+                progress.advance("parse")
+        return files, changes
+
+    def _update_source(self, root: Path, file: SourceFile, known: SourceState | None,
+                       changes: _Changes) -> None:
+        """Re-read one file whose stat changed; re-parse it if its content did."""
+        article: Article | None = None
+        error: str | None = None
+        try:
+            data = _read_source(root / file.path, self.config.sources.max_bytes, file.path)
+        except SourceError as e:
+            data, error = b"", _reason(e)
+            changes.errors.append(str(e))
+            log.warning("%s", e)
+        digest = content_hash(data) if error is None else f"error:{file.size}:{file.mtime_ns}"
+        if known is not None and known.hash == digest:
+            self.store.touch_source(file.path, file.size, file.mtime_ns)
+            return
+        if error is None:
+            mtime = datetime.fromtimestamp(file.mtime_ns / 1e9, UTC)
+            try:
+                article = self.parser.parse(file.path, data, mtime)
+            except SourceError as e:
+                error = _reason(e)
+                changes.errors.append(str(e))
+                log.warning("%s", e)
+        changes.count += 1
+        changes.categories |= self.store.categories_of([file.path])
+        if article is not None:
+            changes.categories |= set(article.categories)
+            changes.pages.add(file.path)
+            for warning in article.warnings:
+                log.warning("%s: warning: %s", file.path, warning)
+        elif self.store.article(file.path):
+            changes.removed_pages.add(file.path)
+        state = SourceState(file.size, file.mtime_ns, digest)
+        self.store.put_source(file.path, state, article, error,
+                              article.warnings if article else ())
+
+    # -- images -----------------------------------------------------------------------
+
+    async def _update_images(self, changes: _Changes, now: datetime,
+                             progress: Progress) -> tuple[int, int]:
+        """Fetch due images; feeds showing a newly cached image are marked for rebuild."""
+        urls = await asyncio.to_thread(self.store.images_to_fetch, now)
+        if not urls:
+            return 0, 0
+        progress.start("images", len(urls))
+        self.config.paths.cache.mkdir(parents=True, exist_ok=True)
+        results = await fetch_images(
+            urls, self.config.images, self.config.paths.cache,
+            on_result=lambda _: progress.advance("images"),
+        )
+        return await asyncio.to_thread(self._record_images, results, changes, now)
+
+    def _record_images(self, results: Sequence[CachedImage | FailedImage], changes: _Changes,
+                       now: datetime) -> tuple[int, int]:
+        fetched: list[str] = []
+        failed = 0
+        with self.store.transaction():
+            for result in results:
+                if isinstance(result, CachedImage):
+                    info = CachedImageInfo(result.name, result.size, result.mime)
+                    self.store.put_cached_image(result.url, info, now)
+                    fetched.append(result.url)
+                else:
+                    failures = self.store.image_failures(result.url) + 1
+                    delay = retry_delay(failures, result.retry_after)
+                    self.store.put_failed_image(result.url, result.error, now + delay)
+                    log.info("image %s: %s", result.url, result.error)
+                    failed += 1
+            showing = self.store.paths_showing(fetched)
+            changes.pages |= showing
+            changes.categories |= self.store.categories_of(showing)
+        return len(fetched), failed
+
+    # -- output -----------------------------------------------------------------------
+
+    def _write_outputs(self, changes: _Changes, progress: Progress) -> int:
+        """Rebuild what changed; write only files whose bytes differ. Returns files written."""
+        counts = self.store.categories()
+        slugs = category_slugs(counts, self.config.feeds.slugs)
+        feeds = feed_infos(self.config, slugs)
+        fingerprint = self._fingerprint()
+        everything = self.store.get_meta("fingerprint") != fingerprint
+        if everything:
+            changes.pages |= set(self.store.article_paths())
+        stale = [f for f in feeds if everything or self._feed_stale(f, changes)]
+        progress.start("write", len(stale) + len(changes.pages))
+        written = 0
+        for feed in stale:
+            written += self._write_feed(feed)
+            progress.advance("write")
+        for path in sorted(changes.removed_pages - changes.pages):
+            written += self.output.remove(article_page_path(article_id(path)))
+        for article in self.store.articles(sorted(changes.pages)):
+            images = self.store.cached_images(article.images)
+            page = build_article_page(article, images, slugs, self.config)
+            written += self.output.write(article_page_path(article.id), page)
+            progress.advance("write")
+        wanted = {f.folder.removeprefix("categories/") for f in feeds if f.category}
+        for folder in self.output.list_folder("categories"):
+            if folder not in wanted:
+                written += self.output.remove(f"categories/{folder}")
+        written += self.output.write("index.opml", build_opml(feeds, self.config))
+        written += self.output.write("index.html", build_index(feeds, counts, self.config))
+        if everything:
+            with self.store.transaction():
+                self.store.set_meta("fingerprint", fingerprint)
+        return written
+
+    def _feed_stale(self, feed: FeedInfo, changes: _Changes) -> bool:
+        """Does ``feed`` need building: its content changed, or a file of it is missing?"""
+        if (changes.any and feed.category is None) or feed.category in changes.categories:
+            return True
+        return not all(self.output.exists(f"{feed.folder}/{name}") for name in FEED_FILES)
+
+    def _write_feed(self, feed: FeedInfo) -> int:
+        articles = self.store.newest_articles(feed.category, self.config.feeds.items)
+        images = self.store.cached_images(u for a in articles for u in a.images)
+        documents = build_feed(feed, articles, images, self.config)
+        return sum(self.output.write(f"{feed.folder}/{name}", data)
+                   for name, data in documents.items())
+
+    def _fingerprint(self) -> str:
+        """What, besides articles and images, the output depends on."""
+        c = self.config
+        inputs = [__version__, c.site.base_url, c.site.title, c.schedule.interval,
+                  c.feeds.items, c.feeds.slugs, str(c.paths.feeds)]
+        return hashlib.sha1(json.dumps(inputs, ensure_ascii=False).encode()).hexdigest()
+
+
+def _reason(error: SourceError) -> str:
+    """The reason to store for a refused source, with its line when known."""
+    return error.reason if error.line is None else f"line {error.line}: {error.reason}"
+
+
+def _stat_changed(known: SourceState | None, file: SourceFile) -> bool:
+    return known is None or (known.size, known.mtime_ns) != (file.size, file.mtime_ns)
+
+
+def _read_source(path: Path, max_bytes: int, name: str) -> bytes:
+    """A source file's bytes, at most ``max_bytes + 1``: enough for the parser to refuse it."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(max_bytes + 1)
+    except OSError as e:
+        raise SourceError(name, f"cannot read: {e.strerror}") from e
+
+
+@contextmanager
+def lock(config: Config, *, wait: bool = True) -> Iterator[None]:
+    """Hold the refresh lock of ``paths.state``, so two processes never refresh at once.
+
+    Raises:
+        LockedError: ``wait`` is false and another process holds the lock.
+    """
+    config.paths.state.mkdir(parents=True, exist_ok=True)
+    fd = os.open(config.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise LockedError(f"another process is refreshing ({config.lock_file})") from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+@contextmanager
+def open_refresher(config: Config) -> Iterator[Refresher]:
+    """Wire a Refresher to its store; closes what it opened, even if setup fails."""
+    store = Store.open(config.database)
+    try:
+        yield Refresher(config, store)
+    finally:
+        store.close()

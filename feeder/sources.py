@@ -1,0 +1,262 @@
+"""Sources: find article files under ``sources/`` and parse them into Articles.
+
+Scanning only stats files; parsing is a pure function of a file's bytes (plus the
+file's mtime, for an article with no date). Anything that makes a file unpublishable
+raises :class:`SourceError` with the reason; anything odd but recoverable becomes a
+warning on the Article.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, time, tzinfo
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import nh3
+import yaml
+from frontmatter.default_handlers import YAMLHandler
+from markdown_it import MarkdownIt
+
+from feeder.config import Config
+from feeder.exceptions import SourceError
+from feeder.images import extract_image_urls
+from feeder.types import Article, SourceFile
+
+#: File name suffixes read as articles; ``.html`` bodies are not Markdown.
+MARKDOWN_SUFFIXES = frozenset({".md", ".markdown"})
+HTML_SUFFIXES = frozenset({".html", ".htm"})
+SOURCE_SUFFIXES = MARKDOWN_SUFFIXES | HTML_SUFFIXES
+
+#: Characters XML 1.0 forbids (C0 controls but tab/LF/CR, surrogates, U+FFFE/U+FFFF).
+_XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+#: Namespace of article guids: ``urn:uuid:`` from the source path, never the site URL.
+_ID_NAMESPACE = uuid.UUID("6f1d3c52-5d0e-4c1b-9a43-0a6f3e1f2b7e")
+_LINK_KEYS = ("link", "url", "permalink")
+
+
+def scan_sources(root: Path) -> Iterator[SourceFile]:
+    """Every article file under ``root`` (recursively), skipping dot-files and dot-folders."""
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(Path(entry.path))
+            elif os.path.splitext(entry.name)[1].lower() in SOURCE_SUFFIXES:
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:  # deleted between listing and stat
+                    continue
+                rel = PurePosixPath(Path(entry.path).relative_to(root)).as_posix()
+                yield SourceFile(rel, st.st_size, st.st_mtime_ns)
+
+
+def content_hash(data: bytes) -> str:
+    """Hash deciding whether a changed file needs parsing again."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def article_id(path: str) -> str:
+    """Stable id of the article at ``path``; depends on the path only."""
+    return hashlib.sha1(path.encode("utf-8")).hexdigest()[:16]
+
+
+def article_guid(path: str) -> str:
+    """Globally unique, site-independent id for feeds (``urn:uuid:``)."""
+    return uuid.uuid5(_ID_NAMESPACE, path).urn
+
+
+def strip_xml_forbidden(text: str) -> str:
+    """Remove characters XML 1.0 cannot carry (YAML refuses them too)."""
+    return _XML_FORBIDDEN.sub("", text)
+
+
+class _CYAMLHandler(YAMLHandler):
+    """python-frontmatter's YAML handler, with libyaml's C loader when available."""
+
+    def load(self, fm: str, **kwargs: object) -> Any:
+        return yaml.load(fm, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+class SourceParser:
+    """Turns a source file's bytes into an :class:`Article`. Reusable, not thread-bound."""
+
+    def __init__(self, config: Config) -> None:
+        self._max_bytes = config.sources.max_bytes
+        self._tz: tzinfo = config.site.tz
+        self._default_category = config.feeds.default_category
+        self._handler = _CYAMLHandler()
+        self._markdown = MarkdownIt("commonmark")
+        self._cleaner = nh3.Cleaner(
+            attributes={
+                **nh3.ALLOWED_ATTRIBUTES,
+                "img": {
+                    *nh3.ALLOWED_ATTRIBUTES["img"],
+                    "srcset", "sizes", "data-src", "data-original", "data-srcset",
+                },
+                "source": {"srcset", "sizes", "media", "type"},
+            },
+            tags=nh3.ALLOWED_TAGS | {"picture", "source"},
+            # img.cls.cn refuses hotlinks with a Referer; images not cached yet still load.
+            set_tag_attribute_values={"img": {"referrerpolicy": "no-referrer"}},
+        )
+
+    def parse(self, path: str, data: bytes, mtime: datetime) -> Article:
+        """Parse one file; ``mtime`` dates an article that has no date.
+
+        Raises:
+            SourceError: the file is not a publishable article.
+        """
+        if not data.strip():
+            raise SourceError(path, "empty file")
+        if len(data) > self._max_bytes:
+            raise SourceError(path, f"larger than sources.max_bytes ({self._max_bytes} bytes)")
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = data[: e.start].count(b"\n") + 1
+            raise SourceError(path, f"not UTF-8 (byte {data[e.start]:#04x})", line) from e
+        text = strip_xml_forbidden(text.replace("\r\n", "\n").replace("\r", "\n"))
+        stripped = text.lstrip()
+        lines_before = text[: len(text) - len(stripped)].count("\n")
+        if not self._handler.detect(stripped):
+            raise SourceError(path, "no front matter (a file must start with ---)", 1)
+        try:
+            fm, body = self._handler.split(stripped)
+        except ValueError:
+            raise SourceError(path, "front matter is not closed by ---", 1) from None
+        try:
+            meta = self._handler.load(fm)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = mark.line + 2 + lines_before if mark else None
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise SourceError(path, f"invalid YAML front matter: {problem}", line) from e
+        if meta is None:
+            meta = {}
+        if not isinstance(meta, dict):
+            raise SourceError(path, f"front matter is a {type(meta).__name__}, not a mapping", 2)
+        return self._article(path, meta, body.strip(), mtime)
+
+    def _article(self, path: str, meta: dict[Any, Any], body: str, mtime: datetime) -> Article:
+        warnings: list[str] = []
+        title = _text(meta.get("title")) or _title_from_path(path)
+        published = self._date(meta.get("date"), "date", warnings)
+        if published is None:
+            warnings.append("no date: using the file's modification time")
+            published = mtime
+        updated = self._date(meta.get("updated"), "updated", warnings)
+        categories = _names(meta.get("categories", meta.get("category")), "category", warnings)
+        if not categories:
+            categories = (self._default_category,)
+        tags = _names(meta.get("tags"), "tag", warnings)
+        link = next((_url(meta[k]) for k in _LINK_KEYS if _url(meta.get(k))), None)
+        headimg = _url(meta.get("headimg"))
+        thumbnail = _url(meta.get("thumbnail"))
+        html = body if PurePosixPath(path).suffix.lower() in HTML_SUFFIXES else (
+            self._markdown.render(body)
+        )
+        content = self._cleaner.clean(html)
+        images = [*extract_image_urls(content), headimg, thumbnail]
+        return Article(
+            path=path,
+            id=article_id(path),
+            title=title,
+            content=content,
+            published=published,
+            updated=updated,
+            categories=categories,
+            tags=tags,
+            author=_text(meta.get("author")),
+            link=link,
+            headimg=headimg,
+            thumbnail=thumbnail,
+            images=tuple(dict.fromkeys(u for u in images if u)),
+            warnings=tuple(warnings),
+        )
+
+    def _date(self, value: Any, key: str, warnings: list[str]) -> datetime | None:
+        """A front matter date in any accepted form, as an aware datetime."""
+        if value is None or value == "":
+            return None
+        parsed = parse_date(value, self._tz)
+        if parsed is None:
+            warnings.append(f"{key}: cannot read {value!r} as a date")
+        return parsed
+
+
+def parse_date(value: Any, tz: tzinfo) -> datetime | None:
+    """RFC 822, ISO 8601, Hexo's ``2022-03-30 11:17:49`` or a YAML timestamp.
+
+    A date with no offset is in ``tz``. Returns None when ``value`` is not a date.
+    """
+    if isinstance(value, datetime):
+        parsed = value
+    elif isinstance(value, date):
+        parsed = datetime.combine(value, time())
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            try:
+                parsed = email.utils.parsedate_to_datetime(text)
+            except (TypeError, ValueError):
+                return None
+    else:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=tz)
+    return parsed.astimezone(UTC)
+
+
+def _names(value: Any, what: str, warnings: list[str]) -> tuple[str, ...]:
+    """Categories or tags: a list, one string, or Hexo's nested list, cleaned and deduped."""
+    if value is None:
+        return ()
+    items = value if isinstance(value, list) else [value]
+    names: list[str] = []
+    for item in items:
+        if isinstance(item, list):  # Hexo: [[parent, child]] is a hierarchy
+            names.extend(_names(item, what, warnings))
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                name = f"{k}: {v}" if v is not None else str(k)
+                warnings.append(f"{what} {item!r} is a mapping: read as {name!r}")
+                names.append(name)
+        elif item is None or str(item).strip() == "":
+            warnings.append(f"empty {what} dropped")
+        else:
+            names.append(" ".join(str(item).split()))
+    return tuple(dict.fromkeys(names))
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = " ".join(str(value).split())
+    return text or None
+
+
+def _url(value: Any) -> str | None:
+    if isinstance(value, str) and value.strip().startswith(("http://", "https://")):
+        return value.strip()
+    return None
+
+
+def _title_from_path(path: str) -> str:
+    stem = PurePosixPath(path).stem
+    return " ".join(re.split(r"[-_\s]+", stem)).strip() or stem
+

@@ -1,0 +1,357 @@
+"""State in SQLite: sources seen, parsed articles, cached and failing images, refreshes.
+
+The database is local and rebuildable from ``sources/``: deleting it costs one cold
+refresh. Feeds are built from it, so a refresh never re-reads unchanged files.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from feeder.exceptions import StoreError
+from feeder.types import Article, CachedImageInfo
+
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sources (
+    path TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    error TEXT,
+    warnings TEXT NOT NULL DEFAULT '[]'
+);
+CREATE TABLE IF NOT EXISTS articles (
+    path TEXT PRIMARY KEY REFERENCES sources(path) ON DELETE CASCADE,
+    published TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS article_categories (
+    category TEXT NOT NULL,
+    published TEXT NOT NULL,
+    path TEXT NOT NULL REFERENCES articles(path) ON DELETE CASCADE,
+    PRIMARY KEY (category, path)
+);
+CREATE INDEX IF NOT EXISTS article_categories_by_date
+    ON article_categories (category, published DESC);
+CREATE INDEX IF NOT EXISTS articles_by_date ON articles (published DESC);
+CREATE TABLE IF NOT EXISTS article_images (
+    url TEXT NOT NULL,
+    path TEXT NOT NULL REFERENCES articles(path) ON DELETE CASCADE,
+    PRIMARY KEY (url, path)
+);
+CREATE INDEX IF NOT EXISTS article_images_by_path ON article_images (path);
+CREATE TABLE IF NOT EXISTS images (
+    url TEXT PRIMARY KEY,
+    name TEXT,
+    size INTEGER,
+    mime TEXT,
+    fetched_at TEXT,
+    failures INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    next_attempt TEXT
+);
+CREATE TABLE IF NOT EXISTS refreshes (
+    id INTEGER PRIMARY KEY,
+    started TEXT NOT NULL,
+    finished TEXT NOT NULL,
+    summary TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class SourceState:
+    """What the store remembers of a source file between scans."""
+
+    #: Size in bytes at the last read.
+    size: int
+    #: Modification time in nanoseconds at the last read.
+    mtime_ns: int
+    #: Content hash at the last read.
+    hash: str
+
+
+@dataclass(frozen=True)
+class FailingImage:
+    """An image that could not be fetched yet."""
+
+    #: Original URL.
+    url: str
+    #: The last error, one line.
+    error: str
+    #: Consecutive failures.
+    failures: int
+    #: When a refresh will try it again.
+    next_attempt: datetime
+
+
+class Store:
+    """The state database. One connection; used by one thread at a time."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    @classmethod
+    def open(cls, path: Path) -> Store:
+        """Open (creating if needed) the database at ``path``."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")
+            db.execute("PRAGMA foreign_keys = ON")
+            db.execute("PRAGMA busy_timeout = 5000")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, _SCHEMA_VERSION):
+                raise StoreError(f"{path}: schema version {version} is not supported")
+            db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+        except sqlite3.Error as e:
+            raise StoreError(f"{path}: cannot open the state database: {e}") from e
+        return cls(db)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group writes: all or nothing, and much faster than one commit each."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise StoreError(f"state database: {e}") from e
+
+    # -- sources and articles ---------------------------------------------------------
+
+    def source_states(self) -> dict[str, SourceState]:
+        rows = self._db.execute("SELECT path, size, mtime_ns, hash FROM sources")
+        return {path: SourceState(size, mtime, h) for path, size, mtime, h in rows}
+
+    def touch_source(self, path: str, size: int, mtime_ns: int) -> None:
+        """Remember new stat figures of a file whose content did not change."""
+        self._db.execute(
+            "UPDATE sources SET size = ?, mtime_ns = ? WHERE path = ?", (size, mtime_ns, path)
+        )
+
+    def put_source(self, path: str, state: SourceState, article: Article | None,
+                   error: str | None, warnings: Sequence[str] = ()) -> None:
+        """Record a parsed source: its article, or why it was refused."""
+        self._db.execute("DELETE FROM articles WHERE path = ?", (path,))
+        self._db.execute(
+            "INSERT OR REPLACE INTO sources (path, size, mtime_ns, hash, error, warnings) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (path, state.size, state.mtime_ns, state.hash, error,
+             json.dumps(list(warnings), ensure_ascii=False)),
+        )
+        if article is None:
+            return
+        published = _iso(article.published)
+        self._db.execute(
+            "INSERT INTO articles (path, published, data) VALUES (?, ?, ?)",
+            (path, published, _dump_article(article)),
+        )
+        self._db.executemany(
+            "INSERT INTO article_categories (category, published, path) VALUES (?, ?, ?)",
+            [(c, published, path) for c in article.categories],
+        )
+        self._db.executemany(
+            "INSERT INTO article_images (url, path) VALUES (?, ?)",
+            [(url, path) for url in article.images],
+        )
+
+    def delete_sources(self, paths: Iterable[str]) -> None:
+        self._db.executemany("DELETE FROM sources WHERE path = ?", [(p,) for p in paths])
+
+    def article(self, path: str) -> Article | None:
+        row = self._db.execute("SELECT data FROM articles WHERE path = ?", (path,)).fetchone()
+        return _load_article(row[0]) if row else None
+
+    def articles(self, paths: Iterable[str]) -> list[Article]:
+        found = (self.article(p) for p in paths)
+        return [a for a in found if a is not None]
+
+    def newest_articles(self, category: str | None, limit: int) -> list[Article]:
+        """The newest ``limit`` articles of ``category`` (None: of every category)."""
+        if category is None:
+            rows = self._db.execute(
+                "SELECT data FROM articles ORDER BY published DESC, path LIMIT ?", (limit,)
+            )
+        else:
+            rows = self._db.execute(
+                "SELECT a.data FROM article_categories c JOIN articles a USING (path) "
+                "WHERE c.category = ? ORDER BY c.published DESC, c.path LIMIT ?",
+                (category, limit),
+            )
+        return [_load_article(data) for (data,) in rows]
+
+    def categories(self) -> dict[str, int]:
+        """Every category with its number of articles."""
+        rows = self._db.execute(
+            "SELECT category, count(*) FROM article_categories GROUP BY category ORDER BY category"
+        )
+        return dict(rows.fetchall())
+
+    def categories_of(self, paths: Iterable[str]) -> set[str]:
+        found: set[str] = set()
+        for path in paths:
+            rows = self._db.execute(
+                "SELECT category FROM article_categories WHERE path = ?", (path,)
+            )
+            found.update(c for (c,) in rows)
+        return found
+
+    def article_paths(self) -> list[str]:
+        return [p for (p,) in self._db.execute("SELECT path FROM articles ORDER BY path")]
+
+    def count_articles(self) -> int:
+        return self._db.execute("SELECT count(*) FROM articles").fetchone()[0]
+
+    def source_problems(self) -> list[tuple[str, str | None, list[str]]]:
+        """``(path, error, warnings)`` of every source refused or warned about."""
+        rows = self._db.execute(
+            "SELECT path, error, warnings FROM sources "
+            "WHERE error IS NOT NULL OR warnings != '[]' ORDER BY path"
+        )
+        return [(p, e, json.loads(w)) for p, e, w in rows]
+
+    # -- images -----------------------------------------------------------------------
+
+    def cached_images(self, urls: Iterable[str]) -> dict[str, CachedImageInfo]:
+        """The cache entries of those of ``urls`` that are cached."""
+        found = {}
+        for url in set(urls):
+            row = self._db.execute(
+                "SELECT name, size, mime FROM images WHERE url = ? AND name IS NOT NULL", (url,)
+            ).fetchone()
+            if row:
+                found[url] = CachedImageInfo(*row)
+        return found
+
+    def images_to_fetch(self, now: datetime) -> list[str]:
+        """Referenced images not cached whose next attempt is due, oldest need first."""
+        rows = self._db.execute(
+            "SELECT DISTINCT r.url FROM article_images r LEFT JOIN images i USING (url) "
+            "WHERE i.name IS NULL AND (i.next_attempt IS NULL OR i.next_attempt <= ?) "
+            "ORDER BY r.url",
+            (_iso(now),),
+        )
+        return [url for (url,) in rows]
+
+    def count_pending_images(self) -> int:
+        """Referenced images not cached yet (due or waiting for their next attempt)."""
+        return self._db.execute(
+            "SELECT count(DISTINCT r.url) FROM article_images r LEFT JOIN images i USING (url) "
+            "WHERE i.name IS NULL"
+        ).fetchone()[0]
+
+    def put_cached_image(self, url: str, image: CachedImageInfo, now: datetime) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO images (url, name, size, mime, fetched_at, failures) "
+            "VALUES (?, ?, ?, ?, ?, 0)",
+            (url, image.name, image.size, image.mime, _iso(now)),
+        )
+
+    def image_failures(self, url: str) -> int:
+        row = self._db.execute("SELECT failures FROM images WHERE url = ?", (url,)).fetchone()
+        return row[0] if row else 0
+
+    def put_failed_image(self, url: str, error: str, next_attempt: datetime) -> None:
+        self._db.execute(
+            "INSERT INTO images (url, failures, error, next_attempt) VALUES (?, 1, ?, ?) "
+            "ON CONFLICT (url) DO UPDATE SET failures = failures + 1, error = excluded.error, "
+            "next_attempt = excluded.next_attempt, name = NULL",
+            (url, error, _iso(next_attempt)),
+        )
+
+    def forget_image(self, url: str) -> None:
+        """Drop a cache entry whose file has gone, so that it is fetched again."""
+        self._db.execute("DELETE FROM images WHERE url = ?", (url,))
+
+    def failing_images(self) -> list[FailingImage]:
+        rows = self._db.execute(
+            "SELECT url, error, failures, next_attempt FROM images "
+            "WHERE name IS NULL AND url IN (SELECT url FROM article_images) ORDER BY url"
+        )
+        return [FailingImage(u, e, f, datetime.fromisoformat(n)) for u, e, f, n in rows]
+
+    def paths_showing(self, urls: Iterable[str]) -> set[str]:
+        """Paths of the articles that reference any of ``urls``."""
+        found: set[str] = set()
+        for url in urls:
+            rows = self._db.execute("SELECT path FROM article_images WHERE url = ?", (url,))
+            found.update(p for (p,) in rows)
+        return found
+
+    def referenced_image_names(self) -> set[str]:
+        """Cache file names that some article still references."""
+        rows = self._db.execute(
+            "SELECT name FROM images WHERE name IS NOT NULL "
+            "AND url IN (SELECT url FROM article_images)"
+        )
+        return {name for (name,) in rows}
+
+    def forget_unreferenced_images(self) -> None:
+        self._db.execute("DELETE FROM images WHERE url NOT IN (SELECT url FROM article_images)")
+
+    # -- meta and refresh log ---------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def log_refresh(self, started: datetime, finished: datetime, summary: dict[str, Any]) -> None:
+        self._db.execute(
+            "INSERT INTO refreshes (started, finished, summary) VALUES (?, ?, ?)",
+            (_iso(started), _iso(finished), json.dumps(summary, ensure_ascii=False)),
+        )
+        self._db.execute(
+            "DELETE FROM refreshes WHERE id <= (SELECT max(id) - 100 FROM refreshes)"
+        )
+
+    def last_refreshes(self, limit: int = 5) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT started, finished, summary FROM refreshes ORDER BY id DESC LIMIT ?", (limit,)
+        )
+        return [{"started": s, "finished": f, **json.loads(d)} for s, f, d in rows]
+
+
+def _iso(value: datetime) -> str:
+    """A sortable UTC timestamp string (every datetime in feeder is aware)."""
+    return value.astimezone(UTC).isoformat()
+
+
+def _dump_article(article: Article) -> str:
+    data = asdict(article)
+    for key in ("published", "updated"):
+        if data[key] is not None:
+            data[key] = data[key].isoformat()
+    return json.dumps(data, ensure_ascii=False)
+
+
+def _load_article(text: str) -> Article:
+    data = json.loads(text)
+    for key in ("published", "updated"):
+        if data[key] is not None:
+            data[key] = datetime.fromisoformat(data[key])
+    for key in ("categories", "tags", "images", "warnings"):
+        data[key] = tuple(data[key])
+    return Article(**data)
+

@@ -1,0 +1,410 @@
+"""HTTP: the published feeds and pages, the image cache, health and metrics.
+
+Feeds and pages are served from memory: each file is read, hashed and gzipped once,
+then revalidated on every request by one ``os.stat``, so a feed reader polling
+every few minutes costs a stat and a dictionary lookup. Images go through
+:class:`aiohttp.web.FileResponse` (sendfile, Range, conditional requests). No
+request reaches a file outside its folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import mimetypes
+import os
+import stat
+from collections import OrderedDict
+from dataclasses import dataclass
+from email.utils import formatdate
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Protocol
+
+from aiohttp import hdrs, web
+
+from feeder.config import Config
+
+#: Bytes of feed files (plain and gzipped copies together) kept in memory.
+CACHE_MAX_BYTES = 64 * 1024 * 1024
+#: Feed files larger than this are streamed from disk instead of cached.
+CACHE_MAX_FILE = 8 * 1024 * 1024
+#: Files larger than this are read (and gzipped) in a worker thread.
+THREAD_READ_MIN = 1024 * 1024
+GZIP_LEVEL = 6
+#: Cached image names are content hashes: a name never changes its bytes.
+IMAGE_CACHE_CONTROL = "public, max-age=31536000, immutable"
+NOT_FOUND_TEXT = "404: Not Found\n"
+
+#: Content types by file name, then by suffix; the rest is guessed.
+_NAMED_TYPES = {
+    "rss.xml": "application/rss+xml; charset=utf-8",
+    "atom.xml": "application/atom+xml; charset=utf-8",
+}
+_SUFFIX_TYPES = {
+    ".json": "application/feed+json; charset=utf-8",
+    ".html": "text/html; charset=utf-8",
+    # OPML has no registered type; text/x-opml is what readers send and expect.
+    ".opml": "text/x-opml; charset=utf-8",
+    ".xml": "application/xml; charset=utf-8",
+}
+_IMAGE_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".gif": "image/gif",
+    ".webp": "image/webp",
+    ".avif": "image/avif",
+    ".svg": "image/svg+xml",
+    ".bmp": "image/bmp",
+    ".ico": "image/x-icon",
+}
+_FALLBACK_TYPE = "application/octet-stream"
+
+
+class StatusSource(Protocol):
+    """What the daemon tells the web app about itself."""
+
+    def health(self) -> dict[str, Any]:
+        """JSON-able state: last refresh time, its result, and an ``ok`` flag."""
+        ...
+
+    def metrics_text(self) -> str:
+        """Prometheus exposition text, already formatted."""
+        ...
+
+
+def make_app(config: Config, status: StatusSource) -> web.Application:
+    """The web application serving ``paths.feeds``, ``paths.cache``, health and metrics."""
+    app = web.Application()
+    app[CONFIG_KEY] = config
+    app[STATUS_KEY] = status
+    app[FEED_FILES_KEY] = FeedFiles(config.paths.feeds, max_age=config.schedule.interval)
+    app[IMAGE_FILES_KEY] = ImageFiles(config.paths.cache)
+    app.router.add_get("/", serve_index)
+    app.router.add_get("/feeds/{tail:.*}", serve_feed_file)
+    app.router.add_get("/images/{name}", serve_image)
+    app.router.add_get("/healthz", serve_health)
+    app.router.add_get("/metrics", serve_metrics)
+    return app
+
+
+async def serve_index(request: web.Request) -> web.StreamResponse:
+    """``/``: the index page of the feeds folder."""
+    return await request.app[FEED_FILES_KEY].respond(request, "index.html")
+
+
+async def serve_feed_file(request: web.Request) -> web.StreamResponse:
+    """``/feeds/{tail}``: any file under the feeds folder."""
+    return await request.app[FEED_FILES_KEY].respond(request, request.match_info["tail"])
+
+
+async def serve_image(request: web.Request) -> web.StreamResponse:
+    """``/images/{name}``: one cached image."""
+    return await request.app[IMAGE_FILES_KEY].respond(request, request.match_info["name"])
+
+
+async def serve_health(request: web.Request) -> web.Response:
+    """``/healthz``: the daemon's health as JSON; 503 when it is not ok."""
+    health = request.app[STATUS_KEY].health()
+    return web.json_response(
+        health,
+        status=200 if health.get("ok", True) else 503,
+        headers={hdrs.CACHE_CONTROL: "no-store"},
+    )
+
+
+async def serve_metrics(request: web.Request) -> web.Response:
+    """``/metrics``: Prometheus text exposition format 0.0.4."""
+    return web.Response(
+        body=request.app[STATUS_KEY].metrics_text().encode("utf-8"),
+        headers={
+            hdrs.CONTENT_TYPE: "text/plain; version=0.0.4; charset=utf-8",
+            hdrs.CACHE_CONTROL: "no-store",
+        },
+    )
+
+
+def not_found() -> web.Response:
+    """A small plain-text 404 that says nothing about the file system."""
+    return web.Response(status=404, text=NOT_FOUND_TEXT)
+
+
+def safe_join(root: Path, tail: str) -> Path | None:
+    """``root/tail`` with symlinks resolved, or None when it could leave ``root``.
+
+    ``root`` must already be resolved. Refused: backslashes, NUL, empty segments
+    (so absolute paths), and segments starting with a dot (``.``, ``..``, hidden
+    and temporary files); then the resolved path must still lie inside ``root``.
+    """
+    if "\\" in tail or "\x00" in tail:
+        return None
+    parts = tail.split("/")
+    if any(not part or part[0] == "." for part in parts):
+        return None
+    path = Path(os.path.realpath(os.path.join(root, *parts)))
+    return path if path.is_relative_to(root) else None
+
+
+def feed_content_type(name: str) -> str:
+    """Content-Type of a published file, from its name."""
+    name = name.lower()
+    if name in _NAMED_TYPES:
+        return _NAMED_TYPES[name]
+    suffix = os.path.splitext(name)[1]
+    if suffix in _SUFFIX_TYPES:
+        return _SUFFIX_TYPES[suffix]
+    guessed, encoding = mimetypes.guess_type(name, strict=False)
+    if guessed is None or encoding is not None:
+        return _FALLBACK_TYPE
+    return f"{guessed}; charset=utf-8" if guessed.startswith("text/") else guessed
+
+
+def image_content_type(name: str) -> str:
+    """Content-Type of a cached image, from its extension."""
+    suffix = os.path.splitext(name.lower())[1]
+    return _IMAGE_TYPES.get(suffix) or mimetypes.guess_type(name)[0] or _FALLBACK_TYPE
+
+
+@lru_cache(maxsize=256)
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an ``Accept-Encoding`` value allows gzip (RFC 9110 §12.5.3)."""
+    star = False
+    for item in accept_encoding.lower().split(","):
+        coding, _, params = item.partition(";")
+        coding = coding.strip()
+        if coding in ("gzip", "x-gzip"):
+            return _qvalue(params) > 0
+        if coding == "*":
+            star = _qvalue(params) > 0
+    return star
+
+
+def _qvalue(params: str) -> float:
+    """The ``q`` weight among ``;``-separated parameters; 1 when absent, 0 if malformed."""
+    for param in params.split(";"):
+        key, _, value = param.partition("=")
+        if key.strip() == "q":
+            try:
+                return float(value.strip())
+            except ValueError:
+                return 0.0
+    return 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class CachedFile:
+    """One feed file in memory, with everything a response needs precomputed."""
+
+    #: ``(st_ino, st_size, st_mtime_ns)`` when read; any other stat means a new file.
+    signature: tuple[int, int, int]
+    #: The file's bytes.
+    body: bytes
+    #: The bytes gzipped, or None when gzip would not make them smaller.
+    gzipped: bytes | None
+    #: Strong ETag of the plain bytes, unquoted.
+    etag: str
+    #: Strong ETag of the gzipped bytes, unquoted: another representation, another tag.
+    gzip_etag: str
+    #: Modification time in whole seconds, as ``Last-Modified`` states it.
+    mtime: int
+    #: Headers of a 200 with the plain bytes.
+    plain_headers: dict[str, str]
+    #: Headers of a 200 with the gzipped bytes.
+    gzip_headers: dict[str, str]
+
+    @property
+    def size(self) -> int:
+        """Bytes this entry holds in memory."""
+        return len(self.body) + len(self.gzipped or b"")
+
+    def respond(self, request: web.Request) -> web.Response:
+        """A 200 or 304 for ``request``; ``If-None-Match`` wins over ``If-Modified-Since``."""
+        use_gzip = self.gzipped is not None and accepts_gzip(
+            request.headers.get(hdrs.ACCEPT_ENCODING, "")
+        )
+        current = self.gzip_etag if use_gzip else self.etag
+        if (tags := request.if_none_match) is not None:
+            for tag in tags:  # weak comparison: W/"x" matches "x"
+                if tag.value == "*":
+                    return self._not_modified(current)
+                if tag.value in (self.etag, self.gzip_etag):
+                    # Name the tag the client holds, so its cache refreshes that copy.
+                    return self._not_modified(tag.value)
+        elif (since := request.if_modified_since) is not None and self.mtime <= since.timestamp():
+            return self._not_modified(current)
+        if use_gzip:
+            return web.Response(body=self.gzipped, headers=self.gzip_headers)
+        return web.Response(body=self.body, headers=self.plain_headers)
+
+    def _not_modified(self, etag: str) -> web.Response:
+        headers = self.gzip_headers if etag == self.gzip_etag else self.plain_headers
+        return web.Response(
+            status=304,
+            headers={
+                hdrs.ETAG: headers[hdrs.ETAG],
+                hdrs.LAST_MODIFIED: headers[hdrs.LAST_MODIFIED],
+                hdrs.CACHE_CONTROL: headers[hdrs.CACHE_CONTROL],
+                hdrs.VARY: hdrs.ACCEPT_ENCODING,
+            },
+        )
+
+
+def read_cached_file(path: Path, max_age: int) -> CachedFile:
+    """Read, hash and gzip one file; the stat comes from the open file, so it matches."""
+    with path.open("rb") as file:
+        st = os.fstat(file.fileno())
+        body = file.read()
+    gzipped: bytes | None = gzip.compress(body, compresslevel=GZIP_LEVEL, mtime=0)
+    if len(gzipped) >= len(body):
+        gzipped = None
+    etag = hashlib.blake2b(body, digest_size=8).hexdigest()
+    common = {
+        hdrs.CONTENT_TYPE: feed_content_type(path.name),
+        hdrs.LAST_MODIFIED: formatdate(st.st_mtime, usegmt=True),
+        hdrs.CACHE_CONTROL: f"public, max-age={max_age}",
+        hdrs.VARY: hdrs.ACCEPT_ENCODING,
+        "X-Content-Type-Options": "nosniff",
+    }
+    return CachedFile(
+        signature=(st.st_ino, st.st_size, st.st_mtime_ns),
+        body=body,
+        gzipped=gzipped,
+        etag=etag,
+        gzip_etag=f"{etag}-gz",
+        mtime=int(st.st_mtime),
+        plain_headers={**common, hdrs.ETAG: f'"{etag}"'},
+        gzip_headers={**common, hdrs.ETAG: f'"{etag}-gz"', hdrs.CONTENT_ENCODING: "gzip"},
+    )
+
+
+class FileCache:
+    """Least recently used :class:`CachedFile` entries, bounded by their total bytes."""
+
+    def __init__(self, max_bytes: int = CACHE_MAX_BYTES) -> None:
+        self._max_bytes = max_bytes
+        self._entries: OrderedDict[Path, CachedFile] = OrderedDict()
+        self._size = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def size(self) -> int:
+        """Bytes held now."""
+        return self._size
+
+    def get(self, path: Path, signature: tuple[int, int, int]) -> CachedFile | None:
+        """The entry for ``path`` if it was read from the file that has ``signature``."""
+        entry = self._entries.get(path)
+        if entry is None:
+            return None
+        if entry.signature != signature:
+            self._drop(path)
+            return None
+        self._entries.move_to_end(path)
+        return entry
+
+    def put(self, path: Path, entry: CachedFile) -> None:
+        """Keep ``entry``, evicting the least recently used ones to stay in bounds."""
+        self._drop(path)
+        if entry.size > self._max_bytes:
+            return
+        self._entries[path] = entry
+        self._size += entry.size
+        while self._size > self._max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self._size -= evicted.size
+
+    def _drop(self, path: Path) -> None:
+        entry = self._entries.pop(path, None)
+        if entry is not None:
+            self._size -= entry.size
+
+
+class FeedFiles:
+    """The feeds folder over HTTP: cached, validated, conditional and compressed."""
+
+    def __init__(self, root: Path, max_age: int, cache: FileCache | None = None) -> None:
+        #: The folder, resolved; every file served lies inside it.
+        self.root = Path(os.path.realpath(root))
+        #: Seconds clients may reuse a file without asking: the refresh interval.
+        self.max_age = max_age
+        self.cache = cache if cache is not None else FileCache()
+
+    async def respond(self, request: web.Request, tail: str) -> web.StreamResponse:
+        """The file ``tail`` names; a directory (``all/``) gives its ``index.html``."""
+        if not tail or tail.endswith("/"):
+            tail += "index.html"
+        path = safe_join(self.root, tail)
+        if path is None:
+            return not_found()
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):
+            return not_found()
+        if not stat.S_ISREG(st.st_mode):
+            return not_found()
+        if st.st_size > CACHE_MAX_FILE:
+            return self._stream(path)
+        entry = self.cache.get(path, (st.st_ino, st.st_size, st.st_mtime_ns))
+        if entry is None:
+            try:
+                if st.st_size > THREAD_READ_MIN:
+                    entry = await asyncio.to_thread(read_cached_file, path, self.max_age)
+                else:
+                    entry = read_cached_file(path, self.max_age)
+            except OSError:
+                return not_found()
+            self.cache.put(path, entry)
+        return entry.respond(request)
+
+    def _stream(self, path: Path) -> web.FileResponse:
+        """A file too large to cache, from disk; FileResponse handles 304 and Range."""
+        return web.FileResponse(
+            path,
+            headers={
+                hdrs.CONTENT_TYPE: feed_content_type(path.name),
+                hdrs.CACHE_CONTROL: f"public, max-age={self.max_age}",
+                hdrs.VARY: hdrs.ACCEPT_ENCODING,
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
+
+
+class ImageFiles:
+    """The flat image cache over HTTP, with long-lived and locked-down headers."""
+
+    def __init__(self, root: Path) -> None:
+        #: The folder, resolved; every image served lies directly inside it.
+        self.root = Path(os.path.realpath(root))
+
+    async def respond(self, request: web.Request, name: str) -> web.StreamResponse:
+        """The image ``name``; dot-files (downloads in progress) are never served."""
+        if "/" in name:  # a decoded %2F
+            return not_found()
+        path = safe_join(self.root, name)
+        if path is None or path.parent != self.root:
+            return not_found()
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):
+            return not_found()
+        if not stat.S_ISREG(st.st_mode):
+            return not_found()
+        return web.FileResponse(
+            path,
+            headers={
+                hdrs.CONTENT_TYPE: image_content_type(name),
+                hdrs.CACHE_CONTROL: IMAGE_CACHE_CONTROL,
+                "X-Content-Type-Options": "nosniff",
+                "Content-Security-Policy": "default-src 'none'",
+            },
+        )
+
+
+CONFIG_KEY = web.AppKey("config", Config)
+STATUS_KEY = web.AppKey("status", StatusSource)
+FEED_FILES_KEY = web.AppKey("feed_files", FeedFiles)
+IMAGE_FILES_KEY = web.AppKey("image_files", ImageFiles)
