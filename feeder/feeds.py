@@ -122,22 +122,21 @@ def build_feed(feed: FeedInfo, articles: Sequence[Article],
     gen.title(feed.title)
     gen.subtitle(f"{feed.title}, republished by feeder")
     gen.author({"name": config.site.title})
-    gen.link(href=links.home(), rel="alternate")
     gen.generator("feeder", __version__)
     gen.updated(updated)
     gen.ttl(math.ceil(config.schedule.interval / 60))
+    documents: dict[str, bytes] = {}
     # feedgen puts the last entry added first: add the oldest first.
     for article in reversed(articles):
         _add_entry(gen.add_entry(), article, images, cached, links)
-    gen.link(href=links.feed(feed.folder, "atom.xml"), rel="self", replace=True)
-    atom = gen.atom_str(pretty=True)
-    gen.link(href=links.feed(feed.folder, "rss.xml"), rel="self", replace=True)
-    rss = gen.rss_str(pretty=True)
-    return {
-        "rss.xml": rss,
-        "atom.xml": atom,
-        "feed.json": _json_feed(feed, articles, images, cached, links),
-    }
+    for file in ("atom.xml", "rss.xml"):
+        self_link = {"href": links.feed(feed.folder, file), "rel": "self"}
+        # feedgen takes RSS's <link> from the last link given: the alternate goes last.
+        gen.link([self_link, {"href": links.home(), "rel": "alternate"}], replace=True)
+        documents[file] = gen.atom_str(pretty=True) if file == "atom.xml" else (
+            gen.rss_str(pretty=True))
+    documents["feed.json"] = _json_feed(feed, articles, images, cached, links)
+    return documents
 
 
 def _add_entry(entry: FeedEntry, article: Article, images: Mapping[str, CachedImageInfo],
@@ -149,6 +148,7 @@ def _add_entry(entry: FeedEntry, article: Article, images: Mapping[str, CachedIm
     entry.published(article.published)
     entry.updated(article.last_change)
     entry.content(rewrite_image_urls(article.content, cached), type="html")
+    entry.description(article.summary, isSummary=True)
     if article.author:
         entry.author({"name": article.author})
         entry.dc.dc_creator(article.author)

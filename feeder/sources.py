@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
+import html
 import os
 import re
 import uuid
@@ -38,6 +39,8 @@ _XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\ufff
 #: Namespace of article guids: ``urn:uuid:`` from the source path, never the site URL.
 _ID_NAMESPACE = uuid.UUID("6f1d3c52-5d0e-4c1b-9a43-0a6f3e1f2b7e")
 _LINK_KEYS = ("link", "url", "permalink")
+#: Characters of body text kept as an item's summary.
+SUMMARY_CHARS = 280
 
 
 def scan_sources(root: Path) -> Iterator[SourceFile]:
@@ -112,6 +115,7 @@ class SourceParser:
             # img.cls.cn refuses hotlinks with a Referer; images not cached yet still load.
             set_tag_attribute_values={"img": {"referrerpolicy": "no-referrer"}},
         )
+        self._text_only = nh3.Cleaner(tags=set(), clean_content_tags={"script", "style"})
 
     def parse(self, path: str, data: bytes, mtime: datetime) -> Article:
         """Parse one file; ``mtime`` dates an article that has no date.
@@ -175,6 +179,7 @@ class SourceParser:
             id=article_id(path),
             title=title,
             content=content,
+            summary=self._summary(content),
             published=published,
             updated=updated,
             categories=categories,
@@ -186,6 +191,10 @@ class SourceParser:
             images=tuple(dict.fromkeys(u for u in images if u)),
             warnings=tuple(warnings),
         )
+
+    def _summary(self, content: str) -> str:
+        text = " ".join(html.unescape(self._text_only.clean(content)).split())
+        return text if len(text) <= SUMMARY_CHARS else text[: SUMMARY_CHARS - 1] + "…"
 
     def _date(self, value: Any, key: str, warnings: list[str]) -> datetime | None:
         """A front matter date in any accepted form, as an aware datetime."""

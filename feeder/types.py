@@ -18,6 +18,8 @@ class Article:
     title: str
     #: Body as sanitized HTML, with original image URLs.
     content: str
+    #: Plain-text opening of the body, for RSS ``description``.
+    summary: str
     #: When it was published (timezone-aware).
     published: datetime
     #: When it was last updated (timezone-aware), if the source says.
