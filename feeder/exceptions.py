@@ -60,3 +60,7 @@ class StoreError(FeederError):
 
 class LockedError(FeederError):
     """Another process holds the refresh lock."""
+
+
+class RefreshAbandoned(FeederError):
+    """A refresh was stopped part-way (shutdown); what it had done is kept."""

@@ -60,6 +60,8 @@ CHUNK_BYTES: Final = 64 * 1024
 
 _REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
 _SRCSET_SPACE: Final = " \t\n\r\f"
+#: HTML5 void elements the libxml2 HTML parser gives content and an end tag.
+_HTML5_VOIDS: Final = ("source", "track", "wbr", "embed")
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,7 @@ def rewrite_image_urls(html: str, mapping: Mapping[str, str]) -> str:
             changed = True
     if not changed:
         return html
-    out = lxml.html.tostring(root, encoding=str, method="html")
+    out = _serialize(root)
     # The parser drops leading whitespace; the wrapper <div> is ours, not the source's.
     leading = html[: len(html) - len(html.lstrip())]
     return leading + out[len("<div>") : -len("</div>")]
@@ -160,6 +162,39 @@ def _parse_fragment(html: str) -> lxml.html.HtmlElement | None:
         return lxml.html.fragment_fromstring(html, create_parent="div")
     except (etree.ParserError, ValueError):
         return None
+
+
+def _serialize(root: lxml.html.HtmlElement) -> str:
+    """``root`` as HTML, without the end tags libxml2 gives HTML5 void elements.
+
+    libxml2 does not know ``<source>``, ``<track>``, ``<wbr>`` and ``<embed>`` have no
+    content: it nests what follows inside them and closes them. Their content is moved
+    back after them, as a browser parses it, and their end tags are dropped.
+    """
+    voids = list(root.iter(*_HTML5_VOIDS))
+    for element in voids:
+        parent = element.getparent()
+        if parent is None:
+            continue
+        children, text, tail = list(element), element.text or "", element.tail or ""
+        element.text = None
+        element.tail = text or None
+        index = parent.index(element)
+        for offset, child in enumerate(children, 1):
+            parent.insert(index + offset, child)
+        last = children[-1] if children else element
+        last.tail = (last.tail or "") + tail or None
+    out = lxml.html.tostring(root, encoding=str, method="html")
+    position = 0
+    for element in voids:
+        closed = lxml.html.tostring(element, encoding=str, method="html", with_tail=False)
+        end = f"</{element.tag}>"
+        position = out.find(closed, position)
+        if position < 0 or not closed.endswith(end):
+            break  # not serialized as expected: keep the (harmless) end tags
+        position += len(closed) - len(end)
+        out = out[:position] + out[position + len(end) :]
+    return out
 
 
 def _image_attributes(element: lxml.html.HtmlElement) -> tuple[str, ...]:
@@ -384,7 +419,7 @@ class _Limits:
 
     #: Downloads in flight overall.
     overall: asyncio.Semaphore
-    #: Downloads in flight per request host.
+    #: Downloads in flight per requested ``host:port``.
     per_host: dict[str, asyncio.Semaphore]
     #: Size of each per-host semaphore.
     per_host_size: int
@@ -484,7 +519,8 @@ async def _fetch_image(
     cache_dir: Path,
 ) -> ImageResult:
     """One URL, with up to ``config.attempts`` attempts on errors worth retrying."""
-    host = _host(mirror_url(url, config)) or ""
+    # The host actually requested (the mirror's, if any), by port as aiohttp counts hosts.
+    host = urlsplit(mirror_url(url, config)).netloc.lower()
     for attempt in range(config.attempts):
         try:
             async with limits.host(host), limits.overall:

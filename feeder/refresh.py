@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from typing import Protocol
 
 from feeder import __version__
 from feeder.config import Config
-from feeder.exceptions import LockedError, SourceError
+from feeder.exceptions import LockedError, RefreshAbandoned, SourceError
 from feeder.feeds import (
     FEED_FILES,
     FeedInfo,
@@ -42,6 +43,8 @@ from feeder.store import SourceState, Store
 from feeder.types import Article, CachedImageInfo, SourceFile
 
 log = logging.getLogger(__name__)
+#: Meta key of what an unfinished refresh left to rebuild.
+_PENDING = "pending_build"
 
 
 class Progress(Protocol):
@@ -113,6 +116,19 @@ class _Changes:
     def any(self) -> bool:
         return bool(self.categories or self.pages or self.removed_pages or self.count)
 
+    def to_json(self) -> str:
+        sets = {"categories": self.categories, "pages": self.pages,
+                "removed_pages": self.removed_pages}
+        return json.dumps({k: sorted(v) for k, v in sets.items()}, ensure_ascii=False)
+
+    def merge_json(self, text: str | None) -> None:
+        """Add what an earlier, unfinished refresh left to rebuild."""
+        if text:
+            data = json.loads(text)
+            self.categories |= set(data["categories"])
+            self.pages |= set(data["pages"])
+            self.removed_pages |= set(data["removed_pages"])
+
 
 class Refresher:
     """Runs refreshes against one store and one output folder."""
@@ -122,10 +138,24 @@ class Refresher:
         self.store = store
         self.parser = SourceParser(config)
         self.output = OutputFolder(config.paths.feeds)
+        self._abandon = threading.Event()
+
+    def abandon(self) -> None:
+        """Ask the running refresh to stop at the next file; thread-safe.
+
+        Sources parsed so far are kept (the rest are parsed next time); feeds already
+        written stay valid, as every write is atomic.
+        """
+        self._abandon.set()
+
+    def _check_abandoned(self) -> None:
+        if self._abandon.is_set():
+            raise RefreshAbandoned("refresh abandoned")
 
     async def refresh(self, progress: Progress | None = None) -> RefreshSummary:
         """One full refresh. Callers make sure only one runs at a time (see :func:`lock`)."""
         progress = progress or NoProgress()
+        self._abandon.clear()
         started = time.perf_counter()
         now = datetime.now(UTC)
         files, changes = await asyncio.to_thread(self._update_sources, progress)
@@ -164,8 +194,12 @@ class Refresher:
                 self.store.delete_sources(removed)
                 changes.count += len(removed)
             for file in changed:
+                if self._abandon.is_set():
+                    break  # commit what is parsed; the rest waits for the next refresh
                 self._update_source(root, file, known.get(file.path), changes)
                 progress.advance("parse")
+            self._save_pending(changes)
+        self._check_abandoned()
         return files, changes
 
     def _update_source(self, root: Path, file: SourceFile, known: SourceState | None,
@@ -239,12 +273,24 @@ class Refresher:
             showing = self.store.paths_showing(fetched)
             changes.pages |= showing
             changes.categories |= self.store.categories_of(showing)
+            self._save_pending(changes)
         return len(fetched), failed
+
+    def _save_pending(self, changes: _Changes) -> None:
+        """Remember what must be rebuilt, in the transaction that made it so.
+
+        If this refresh is killed before writing, the next one still rebuilds it.
+        """
+        if changes.categories or changes.pages or changes.removed_pages:
+            changes.merge_json(self.store.get_meta(_PENDING))
+            self.store.set_meta(_PENDING, changes.to_json())
 
     # -- output -----------------------------------------------------------------------
 
     def _write_outputs(self, changes: _Changes, progress: Progress) -> int:
         """Rebuild what changed; write only files whose bytes differ. Returns files written."""
+        pending = self.store.get_meta(_PENDING)
+        changes.merge_json(pending)
         counts = self.store.categories()
         slugs = category_slugs(counts, self.config.feeds.slugs)
         feeds = feed_infos(self.config, slugs)
@@ -256,11 +302,13 @@ class Refresher:
         progress.start("write", len(stale) + len(changes.pages))
         written = 0
         for feed in stale:
+            self._check_abandoned()
             written += self._write_feed(feed)
             progress.advance("write")
         for path in sorted(changes.removed_pages - changes.pages):
             written += self.output.remove(article_page_path(article_id(path)))
         for article in self.store.articles(sorted(changes.pages)):
+            self._check_abandoned()
             images = self.store.cached_images(article.images)
             page = build_article_page(article, images, slugs, self.config)
             written += self.output.write(article_page_path(article.id), page)
@@ -271,9 +319,10 @@ class Refresher:
                 written += self.output.remove(f"categories/{folder}")
         written += self.output.write("index.opml", build_opml(feeds, self.config))
         written += self.output.write("index.html", build_index(feeds, counts, self.config))
-        if everything:
+        if everything or pending:
             with self.store.transaction():
                 self.store.set_meta("fingerprint", fingerprint)
+                self.store.delete_meta(_PENDING)
         return written
 
     def _feed_stale(self, feed: FeedInfo, changes: _Changes) -> bool:

@@ -317,6 +317,9 @@ class Store:
     def set_meta(self, key: str, value: str) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
+    def delete_meta(self, key: str) -> None:
+        self._db.execute("DELETE FROM meta WHERE key = ?", (key,))
+
     def log_refresh(self, started: datetime, finished: datetime, summary: dict[str, Any]) -> None:
         self._db.execute(
             "INSERT INTO refreshes (started, finished, summary) VALUES (?, ?, ?)",
