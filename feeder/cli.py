@@ -16,6 +16,7 @@ from rich.progress import Progress as RichBar
 
 from feeder import __version__
 from feeder.config import Config, load_config
+from feeder.daemon import ask_daemon, run_daemon
 from feeder.exceptions import FeederError, SourceError
 from feeder.refresh import RefreshSummary, lock, open_refresher
 from feeder.sources import SOURCE_SUFFIXES, SourceParser
@@ -80,6 +81,18 @@ def _known_errors() -> Iterator[None]:
 
 @cli.command()
 @click.pass_obj
+def run(loader: _ConfigLoader) -> None:
+    """Run the daemon: refresh now and every schedule.interval, and serve over HTTP."""
+    config = loader.load()
+    level = logging.getLogger().getEffectiveLevel()
+    logging.basicConfig(force=True, level=min(level, logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    with _known_errors():
+        asyncio.run(run_daemon(config))
+
+
+@cli.command()
+@click.pass_obj
 def refresh(loader: _ConfigLoader) -> None:
     """Publish the feeds now: scan, parse, fetch images, write what changed.
 
@@ -87,6 +100,11 @@ def refresh(loader: _ConfigLoader) -> None:
     """
     config = loader.load()
     with _known_errors():
+        answer = asyncio.run(ask_daemon(config, "POST", "/refresh"))
+        if answer is not None:
+            summary = RefreshSummary(**_summary_fields(answer["summary"]))
+            click.echo(f"daemon: {summary.line()}")
+            return
         summary = _refresh_here(config)
     click.echo(summary.line())
 
@@ -155,6 +173,13 @@ def status(loader: _ConfigLoader) -> None:
     """Show the last refreshes, failing sources and failing images."""
     config = loader.load()
     with _known_errors():
+        daemon = asyncio.run(ask_daemon(config, "GET", "/status"))
+        if daemon is None:
+            click.echo("daemon: not running")
+        else:
+            state = "refreshing" if daemon["refreshing"] else "idle"
+            click.echo(f"daemon: running (pid {daemon['pid']}, since {daemon['started']}), "
+                       f"{state}")
         store = Store.open(config.database)
         try:
             _print_status(store)
@@ -175,8 +200,9 @@ def _print_status(store: Store) -> None:
         for warning in warnings:
             click.echo(f"source {path}: warning: {warning}")
     for image in store.failing_images():
+        when = f"{image.next_attempt:%Y-%m-%d %H:%M:%S}Z"
         click.echo(f"failing image {image.url}: {image.error} "
-                   f"({image.failures} failures, next attempt {image.next_attempt:%Y-%m-%d %H:%M:%S}Z)")
+                   f"({image.failures} failures, next attempt {when})")
 
 
 def _summary_fields(record: dict[str, object]) -> dict[str, object]:

@@ -268,7 +268,7 @@ class Refresher:
                     failures = self.store.image_failures(result.url) + 1
                     delay = retry_delay(failures, result.retry_after)
                     self.store.put_failed_image(result.url, result.error, now + delay)
-                    log.info("image %s: %s", result.url, result.error)
+                    log.debug("image %s: %s", result.url, result.error)
                     failed += 1
             showing = self.store.paths_showing(fetched)
             changes.pages |= showing
@@ -364,23 +364,43 @@ def _read_source(path: Path, max_bytes: int, name: str) -> bytes:
         raise SourceError(name, f"cannot read: {e.strerror}") from e
 
 
-@contextmanager
-def lock(config: Config, *, wait: bool = True) -> Iterator[None]:
-    """Hold the refresh lock of ``paths.state``, so two processes never refresh at once.
+class RefreshLock:
+    """The lock file in ``paths.state``: two processes never refresh at once."""
 
-    Raises:
-        LockedError: ``wait`` is false and another process holds the lock.
-    """
-    config.paths.state.mkdir(parents=True, exist_ok=True)
-    fd = os.open(config.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
+    def __init__(self, config: Config) -> None:
+        self._path = config.lock_file
+        self._fd: int | None = None
+
+    def acquire(self, wait: bool = True) -> None:
+        """Take the lock, waiting for it unless ``wait`` is false.
+
+        Raises:
+            LockedError: ``wait`` is false and another process holds the lock.
+        """
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
-            raise LockedError(f"another process is refreshing ({config.lock_file})") from None
+            os.close(fd)
+            raise LockedError(f"another process is refreshing ({self._path})") from None
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the lock
+            self._fd = None
+
+
+@contextmanager
+def lock(config: Config, *, wait: bool = True) -> Iterator[None]:
+    """Hold the refresh lock for the duration of a ``with`` block."""
+    held = RefreshLock(config)
+    held.acquire(wait)
+    try:
         yield
     finally:
-        os.close(fd)  # closing releases the lock
+        held.release()
 
 
 @contextmanager

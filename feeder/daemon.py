@@ -1,0 +1,298 @@
+"""The daemon: refresh on a schedule, on file changes and on request; serve everything.
+
+Every trigger goes through :meth:`Daemon.request_refresh`, which coalesces: requests
+that arrive while no refresh has started yet share the next one, so there are never
+two refreshes at once and never a queue of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from feeder.config import Config
+from feeder.exceptions import FeederError, RefreshAbandoned
+from feeder.refresh import Refresher, RefreshLock, RefreshSummary, open_refresher
+from feeder.web import make_app
+
+log = logging.getLogger(__name__)
+
+#: Seconds requests wait for each other before a refresh starts (they coalesce).
+_COALESCE_SECONDS = 0.1
+#: Seconds the file watch waits for changes to settle (it also caps at ~1 s).
+_WATCH_STEP_MS = 200
+_WATCH_DEBOUNCE_MS = 1000
+#: Seconds a shutdown waits for an abandoned refresh to stop.
+_STOP_TIMEOUT = 3.0
+_DAEMON_KEY = web.AppKey("daemon", "Daemon")
+
+
+@dataclass(frozen=True)
+class RefreshRecord:
+    """One refresh of this daemon, as health and status report it."""
+
+    #: When it finished.
+    finished: datetime
+    #: Its figures; None when it failed.
+    summary: RefreshSummary | None
+    #: Why it failed, when it did.
+    error: str | None = None
+
+
+class Monitor:
+    """Counters and the last refreshes of a daemon: health, metrics, status."""
+
+    def __init__(self) -> None:
+        self.started = datetime.now(UTC)
+        self.refreshing = False
+        self.history: list[RefreshRecord] = []
+        self.counters = {"refreshes": 0, "refresh_failures": 0, "files_written": 0,
+                         "images_fetched": 0, "images_failed": 0}
+        self.last_seconds = 0.0
+        self.articles = 0
+
+    def record(self, record: RefreshRecord) -> None:
+        self.history = [*self.history[-9:], record]
+        self.counters["refreshes"] += 1
+        if record.summary is None:
+            self.counters["refresh_failures"] += 1
+            return
+        summary = record.summary
+        self.counters["files_written"] += summary.written
+        self.counters["images_fetched"] += summary.images_fetched
+        self.counters["images_failed"] += summary.images_failed
+        self.last_seconds = summary.seconds
+        self.articles = summary.articles
+
+    def health(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else None
+        return {
+            "ok": last is None or last.error is None,
+            "refreshing": self.refreshing,
+            "started": self.started.isoformat(),
+            "last_refresh": last.finished.isoformat() if last else None,
+            "last_result": _result(last) if last else None,
+            "articles": self.articles,
+        }
+
+    def metrics_text(self) -> str:
+        lines = []
+        for name, help_text, kind, value in [
+            ("refreshes_total", "Refreshes run.", "counter", self.counters["refreshes"]),
+            ("refresh_failures_total", "Refreshes that failed.", "counter",
+             self.counters["refresh_failures"]),
+            ("refresh_duration_seconds", "Duration of the last refresh.", "gauge",
+             self.last_seconds),
+            ("refresh_in_progress", "1 while a refresh runs.", "gauge", int(self.refreshing)),
+            ("articles", "Articles published.", "gauge", self.articles),
+            ("feed_writes_total", "Feed, page and index files written.", "counter",
+             self.counters["files_written"]),
+            ("image_fetches_total", "Images fetched into the cache.", "counter",
+             self.counters["images_fetched"]),
+            ("image_failures_total", "Image fetches that failed.", "counter",
+             self.counters["images_failed"]),
+        ]:
+            lines += [f"# HELP feeder_{name} {help_text}", f"# TYPE feeder_{name} {kind}",
+                      f"feeder_{name} {value}"]
+        return "\n".join(lines) + "\n"
+
+
+def _result(record: RefreshRecord) -> str:
+    return record.error or (record.summary.line() if record.summary else "")
+
+
+class Daemon:
+    """Runs refreshes one at a time for every trigger, and records them."""
+
+    def __init__(self, config: Config, refresher: Refresher) -> None:
+        self.config = config
+        self.refresher = refresher
+        self.monitor = Monitor()
+        self._lock = RefreshLock(config)
+        self._next: asyncio.Future[RefreshSummary] | None = None
+        self._running: asyncio.Task[None] | None = None
+
+    async def request_refresh(self) -> RefreshSummary:
+        """Refresh soon and return that refresh's summary.
+
+        A refresh already running does not count (it may have scanned before the
+        caller's change): the caller gets the next one, shared with every request
+        made before it starts.
+        """
+        return await asyncio.shield(self.trigger_refresh())
+
+    def trigger_refresh(self) -> asyncio.Future[RefreshSummary]:
+        """Ask for a refresh without waiting; the future resolves when it has run."""
+        if self._next is None:
+            loop = asyncio.get_running_loop()
+            self._next = loop.create_future()
+            # Its failure is logged and recorded already; nobody may be waiting for it.
+            self._next.add_done_callback(lambda f: f.cancelled() or f.exception())
+            loop.call_later(_COALESCE_SECONDS, self._start_next)
+        return self._next
+
+    def _start_next(self) -> None:
+        if self._running is not None and not self._running.done():
+            self._running.add_done_callback(lambda _: self._start_next())
+            return
+        future, self._next = self._next, None
+        if future is not None:
+            self._running = asyncio.create_task(self._run_refresh(future))
+
+    async def _run_refresh(self, future: asyncio.Future[RefreshSummary]) -> None:
+        self.monitor.refreshing = True
+        try:
+            await asyncio.to_thread(self._lock.acquire)
+            try:
+                summary = await self.refresher.refresh()
+            finally:
+                self._lock.release()
+        except RefreshAbandoned as e:
+            future.set_exception(e)
+            return
+        except Exception as e:  # a failed refresh never stops the daemon
+            log.exception("refresh failed")
+            self.monitor.record(RefreshRecord(datetime.now(UTC), None, f"{e}"))
+            future.set_exception(FeederError(f"refresh failed: {e}"))
+            return
+        finally:
+            self.monitor.refreshing = False
+        log.info("refresh: %s", summary.line())
+        self.monitor.record(RefreshRecord(datetime.now(UTC), summary))
+        future.set_result(summary)
+
+    async def _scheduled_refresh(self) -> None:
+        with contextlib.suppress(FeederError):
+            await self.request_refresh()
+
+    async def watch_sources(self) -> None:
+        """Refresh when files under sources/ change (debounced)."""
+        from watchfiles import awatch
+
+        self.config.paths.sources.mkdir(parents=True, exist_ok=True)
+        async for _changes in awatch(self.config.paths.sources, step=_WATCH_STEP_MS,
+                                     debounce=_WATCH_DEBOUNCE_MS):
+            log.info("sources changed: refreshing")
+            self.trigger_refresh()
+
+    async def stop(self) -> None:
+        """Abandon the running refresh (what it did is kept) and wait for it briefly."""
+        self.refresher.abandon()
+        if self._running is not None and not self._running.done():
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._running), _STOP_TIMEOUT)
+            if not self._running.done():
+                self._running.cancel()
+        if self._next is not None and not self._next.done():
+            self._next.set_exception(RefreshAbandoned("daemon stopped"))
+
+
+# -- control socket ---------------------------------------------------------------------
+
+
+def make_control_app(daemon: Daemon) -> web.Application:
+    """The app on the Unix socket: only local users with access to paths.state reach it."""
+    app = web.Application()
+    app[_DAEMON_KEY] = daemon
+    app.router.add_post("/refresh", _control_refresh)
+    app.router.add_get("/status", _control_status)
+    return app
+
+
+async def _control_refresh(request: web.Request) -> web.Response:
+    try:
+        summary = await request.app[_DAEMON_KEY].request_refresh()
+    except FeederError as e:
+        return web.json_response({"error": str(e)}, status=500)
+    return web.json_response({"summary": summary.to_dict()})
+
+
+async def _control_status(request: web.Request) -> web.Response:
+    monitor = request.app[_DAEMON_KEY].monitor
+    history = [{"finished": r.finished.isoformat(), "result": _result(r)}
+               for r in monitor.history]
+    return web.json_response({**monitor.health(), "history": history, "pid": os.getpid()})
+
+
+async def ask_daemon(config: Config, method: str, path: str) -> dict[str, Any] | None:
+    """Call the running daemon's control socket; None when no daemon answers."""
+    if not config.control_socket.exists():
+        return None
+    connector = aiohttp.UnixConnector(path=str(config.control_socket))
+    try:
+        async with aiohttp.ClientSession(connector=connector) as session, session.request(
+            method, f"http://feeder{path}", timeout=aiohttp.ClientTimeout(total=None)
+        ) as response:
+            data: dict[str, Any] = await response.json()
+    except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError):
+        return None
+    if "error" in data:
+        raise FeederError(data["error"])
+    return data
+
+
+# -- running --------------------------------------------------------------------------
+
+
+async def run_daemon(config: Config) -> None:
+    """Serve and refresh until SIGTERM or SIGINT; then stop cleanly."""
+    if await ask_daemon(config, "GET", "/status") is not None:
+        raise FeederError(f"a daemon is already running (socket {config.control_socket})")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    with open_refresher(config) as refresher:
+        daemon = Daemon(config, refresher)
+        async with _serving(config, daemon):
+            scheduler = AsyncIOScheduler(timezone=UTC)
+            scheduler.add_job(daemon._scheduled_refresh, "interval",
+                              seconds=config.schedule.interval, max_instances=1,
+                              coalesce=True, next_run_time=datetime.now(UTC))
+            scheduler.start()
+            watch = asyncio.create_task(daemon.watch_sources()) if config.schedule.watch else None
+            log.info("serving %s on http://%s:%d/ (feeds at %s/feeds/all/rss.xml)",
+                     config.paths.feeds, config.server.host, config.server.port,
+                     config.site.base_url)
+            await stop.wait()
+            log.info("stopping")
+            scheduler.shutdown(wait=False)
+            if watch is not None:
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch
+            await daemon.stop()
+
+
+@contextlib.asynccontextmanager
+async def _serving(config: Config, daemon: Daemon) -> AsyncIterator[None]:
+    """Serve the web app on TCP and the control app on the Unix socket."""
+    web_runner = web.AppRunner(make_app(config, daemon.monitor), access_log=None)
+    control_runner = web.AppRunner(make_control_app(daemon), access_log=None)
+    await web_runner.setup()
+    await control_runner.setup()
+    try:
+        await web.TCPSite(web_runner, config.server.host, config.server.port).start()
+        config.paths.state.mkdir(parents=True, exist_ok=True)
+        config.control_socket.unlink(missing_ok=True)
+        old_umask = os.umask(0o177)  # the socket is born 0600: file permissions guard it
+        try:
+            await web.UnixSite(control_runner, str(config.control_socket)).start()
+        finally:
+            os.umask(old_umask)
+        yield
+    finally:
+        await control_runner.cleanup()
+        await web_runner.cleanup()
+        config.control_socket.unlink(missing_ok=True)
