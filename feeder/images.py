@@ -88,6 +88,7 @@ class FailedImage:
     retry_after: float | None
 
 
+#: What :func:`fetch_images` gives for each URL that finished.
 ImageResult = CachedImage | FailedImage
 
 
@@ -460,18 +461,20 @@ async def fetch_images(
     for url in unique:
         if is_allowed(url, config):
             wanted.append(url)
+        elif _is_absolute_http(url):
+            report(FailedImage(url, f"host {_host(url)} is not allowed", True, None))
         else:
-            report(FailedImage(url, f"host {_host(url) or '(none)'} is not allowed", True, None))
+            report(FailedImage(url, "not an absolute http(s) URL", True, None))
     if wanted:
         limits = _Limits(asyncio.Semaphore(config.concurrency), {}, config.per_host)
         resolver = _PublicOnlyResolver(_mirror_hosts(config))
         try:
             async with _open_session(config, resolver) as session:
-                tasks = [
-                    asyncio.create_task(_fetch_reported(session, limits, url, config, cache_dir,
-                                                          report))
-                    for url in wanted
-                ]
+
+                async def fetch_and_report(url: str) -> None:
+                    report(await _fetch_image(session, limits, url, config, cache_dir))
+
+                tasks = [asyncio.create_task(fetch_and_report(url)) for url in wanted]
                 try:
                     await asyncio.wait(tasks, timeout=deadline)
                 finally:
@@ -498,17 +501,6 @@ def _open_session(config: ImagesConfig, resolver: AbstractResolver) -> aiohttp.C
             total=config.timeout, sock_connect=min(10.0, config.timeout)
         ),
     )
-
-
-async def _fetch_reported(
-    session: aiohttp.ClientSession,
-    limits: _Limits,
-    url: str,
-    config: ImagesConfig,
-    cache_dir: Path,
-    report: Callable[[ImageResult], ImageResult],
-) -> ImageResult:
-    return report(await _fetch_image(session, limits, url, config, cache_dir))
 
 
 async def _fetch_image(
@@ -549,7 +541,8 @@ async def _attempt(
         raise ImageError(url, "timed out") from e
     except aiohttp.ClientConnectorError as e:
         if isinstance(e.os_error, _NonPublicAddressError):
-            raise ImageError(url, e.os_error.strerror, permanent=True) from e
+            reason = e.os_error.strerror or "non-public address"
+            raise ImageError(url, reason, permanent=True) from e
         dns = isinstance(e, aiohttp.ClientConnectorDNSError)
         what = "cannot resolve" if dns else "cannot connect to"
         reason = e.os_error.strerror or str(e.os_error) or type(e.os_error).__name__

@@ -152,12 +152,16 @@ class Refresher:
         if self._abandon.is_set():
             raise RefreshAbandoned("refresh abandoned")
 
-    async def refresh(self, progress: Progress | None = None) -> RefreshSummary:
-        """One full refresh. Callers make sure only one runs at a time (see :func:`lock`)."""
+    async def refresh(self, progress: Progress | None = None,
+                      now: datetime | None = None) -> RefreshSummary:
+        """One full refresh. Callers make sure only one runs at a time (see :func:`lock`).
+
+        ``now`` decides which failed images are due for another attempt.
+        """
         progress = progress or NoProgress()
         self._abandon.clear()
         started = time.perf_counter()
-        now = datetime.now(UTC)
+        now = now or datetime.now(UTC)
         files, changes = await asyncio.to_thread(self._update_sources, progress)
         fetched, failed = await self._update_images(changes, now, progress)
         written = await asyncio.to_thread(self._write_outputs, changes, progress)

@@ -1,0 +1,235 @@
+"""Images through a whole refresh: a local server plays img.cls.cn via images.origins."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import feedparser
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from feeder.cli import cli
+from feeder.config import Config, config_from_dict
+from feeder.refresh import open_refresher
+from tests.imageserver import PNG, ImageServer, hang, image, status
+
+SEED = Path(__file__).parents[2] / "shared" / "samples" / "cls-seed.md"
+SEED_IMAGES = ["8ZNa70Fbl8.png", "c8Agbj08W6.png", "9qWTc0F18E.png", "onulZV1B5w.png"]
+BASE = "http://feeds.test"
+
+
+def write_config(tmp_path: Path, origin: str, **images: object) -> Path:
+    raw = {
+        "site": {"base_url": BASE},
+        "images": {"origins": {"https://img.cls.cn": origin}, "attempts": 1, "timeout": 5,
+                   **images},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    (tmp_path / "sources").mkdir(exist_ok=True)
+    return path
+
+
+def load(path: Path) -> Config:
+    return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")), path.parent)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[ImageServer]:
+    async with ImageServer() as server:
+        for name in SEED_IMAGES:
+            server.route(f"/images/20220330/{name}", image(PNG + name.encode()))
+        yield server
+
+
+async def refresh(config: Config, now: datetime | None = None):
+    with open_refresher(config) as refresher:
+        return await refresher.refresh(now=now)
+
+
+def seed(config: Config, name: str = "cls-seed.md", text: str | None = None) -> None:
+    (config.paths.sources / name).write_text(text or SEED.read_text(encoding="utf-8"),
+                                             encoding="utf-8")
+
+
+def parse(config: Config, file: str) -> feedparser.FeedParserDict:
+    feed = feedparser.parse((config.paths.feeds / file).read_bytes())
+    assert feed.bozo == 0, feed.get("bozo_exception")
+    return feed
+
+
+async def test_images_are_cached_and_feeds_point_at_the_cache(tmp_path, server):
+    config = load(write_config(tmp_path, server.url))
+    seed(config)
+    summary = await refresh(config)
+    assert (summary.images_fetched, summary.images_failed, summary.images_pending) == (4, 0, 0)
+
+    cached = {p.name: p.read_bytes() for p in config.paths.cache.iterdir()}
+    assert sorted(cached.values()) == sorted(PNG + n.encode() for n in SEED_IMAGES)
+    for file in ("all/rss.xml", "all/atom.xml", "categories/金融/rss.xml"):
+        entry = parse(config, file).entries[0]
+        content = entry.content[0].value
+        assert "img.cls.cn" not in content
+        for name in cached:
+            assert f"{BASE}/images/{name}" in content
+    page = next((config.paths.feeds / "articles").iterdir()).read_text(encoding="utf-8")
+    assert "img.cls.cn" not in page
+    assert f"{BASE}/images/" in page
+    assert "img.cls.cn" not in (config.paths.feeds / "all/feed.json").read_text("utf-8")
+
+
+async def test_enclosure_has_the_cached_file_size_and_type(tmp_path, server):
+    config = load(write_config(tmp_path, server.url))
+    seed(config)
+    await refresh(config)
+    head = next(p for p in config.paths.cache.iterdir()
+            if p.read_bytes() == PNG + b"8ZNa70Fbl8.png")
+
+    rss = parse(config, "all/rss.xml").entries[0]
+    atom = parse(config, "all/atom.xml").entries[0]
+    for entry in (rss, atom):
+        [enclosure] = entry.enclosures
+        assert enclosure.href == f"{BASE}/images/{head.name}"
+        assert int(enclosure.length) == head.stat().st_size
+        assert enclosure.type == "image/png"
+        # feedgen 1.0.0 would make the enclosure a second alternate link: readers
+        # would open the image instead of the article.
+        assert entry.link.startswith(f"{BASE}/feeds/articles/")
+    atom_links = [(link.rel, link.href) for link in atom.links]
+    assert atom_links.count(("alternate", atom.link)) == 1
+    assert ("enclosure", f"{BASE}/images/{head.name}") in atom_links
+
+    item = json.loads((config.paths.feeds / "all/feed.json").read_text("utf-8"))["items"][0]
+    assert item["image"] == f"{BASE}/images/{head.name}"
+    assert item["attachments"][0]["size_in_bytes"] == head.stat().st_size
+
+
+async def test_origin_down_publishes_original_urls_then_rewrites_when_back(tmp_path):
+    async with ImageServer() as server:  # learn a free port, then close it: "down"
+        port_url = server.url
+    config = load(write_config(tmp_path, port_url))
+    seed(config)
+    now = datetime.now(UTC)
+    summary = await refresh(config, now)
+    assert summary.images_failed == 4
+    assert summary.images_pending == 4
+    entry = parse(config, "all/rss.xml").entries[0]
+    assert "https://img.cls.cn/images/20220330/c8Agbj08W6.png" in entry.content[0].value
+    assert not entry.get("enclosures")
+
+    args = ["-c", str(tmp_path / "config.yaml"), "status"]
+    result = await asyncio.to_thread(CliRunner().invoke, cli, args)
+    assert "failing image https://img.cls.cn/images/20220330/c8Agbj08W6.png" in result.output
+    assert "next attempt" in result.output
+
+    async with ImageServer() as server:
+        for name in SEED_IMAGES:
+            server.route(f"/images/20220330/{name}", image(PNG))
+        config = load(write_config(tmp_path, server.url))
+        # right away, nothing is due: the origin is not hammered
+        summary = await refresh(config, now + timedelta(seconds=1))
+        assert server.total_requests == 0
+        assert summary.images_pending == 4
+        summary = await refresh(config, now + timedelta(minutes=5))
+    assert summary.images_fetched == 4
+    assert summary.written > 0
+    entry = parse(config, "all/rss.xml").entries[0]
+    assert "img.cls.cn" not in entry.content[0].value
+    assert entry.enclosures
+
+
+async def test_server_error_is_retried_on_a_later_refresh(tmp_path, server):
+    server.route("/images/20220330/c8Agbj08W6.png", status(500))
+    config = load(write_config(tmp_path, server.url))
+    seed(config)
+    now = datetime.now(UTC)
+    summary = await refresh(config, now)
+    assert (summary.images_fetched, summary.images_failed) == (3, 1)
+
+    server.route("/images/20220330/c8Agbj08W6.png", image(PNG))
+    summary = await refresh(config, now + timedelta(hours=1))
+    assert (summary.images_fetched, summary.images_failed, summary.images_pending) == (1, 0, 0)
+    assert "img.cls.cn" not in parse(config, "all/atom.xml").entries[0].content[0].value
+
+
+async def test_an_image_shared_by_a_hundred_articles_is_fetched_once(tmp_path, server):
+    config = load(write_config(tmp_path, server.url))
+    body = "---\ntitle: 'n{i}'\ncategories: [c]\ndate: 2022-03-30 11:17:{s:02}\n---\n" \
+           '<p><img src="https://img.cls.cn/images/20220330/8ZNa70Fbl8.png"></p>\n'
+    for i in range(100):
+        seed(config, f"a{i:03}.md", body.format(i=i, s=i % 60))
+    summary = await refresh(config)
+    assert summary.articles == 100
+    assert summary.images_fetched == 1
+    assert server.requests["/images/20220330/8ZNa70Fbl8.png"] == 1
+
+
+async def test_a_slow_origin_does_not_hold_feeds_back(tmp_path, server):
+    server.route("/images/20220330/c8Agbj08W6.png", hang(PNG[:16]))
+    config = load(write_config(tmp_path, server.url, deadline=0.5, timeout=30))
+    seed(config)
+    summary = await refresh(config)
+    assert summary.images_fetched == 3
+    assert summary.images_pending == 1
+    assert "https://img.cls.cn/images/20220330/c8Agbj08W6.png" in (
+        parse(config, "all/rss.xml").entries[0].content[0].value)
+    assert not [p for p in config.paths.cache.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow
+async def test_refresh_killed_mid_download_leaves_no_partial_image(tmp_path, server):
+    server.route("/images/20220330/c8Agbj08W6.png", hang(PNG[:16]))
+    config_file = write_config(tmp_path, server.url, timeout=60, deadline=60)
+    config = load(config_file)
+    seed(config)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "feeder", "-c", str(config_file), "refresh",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        async with asyncio.timeout(20):
+            while not any(p.name.endswith(".part") for p in _listing(config.paths.cache)):
+                await asyncio.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        await proc.wait()
+    finals = [p.read_bytes() for p in config.paths.cache.iterdir() if not p.name.startswith(".")]
+    assert all(data.startswith(PNG) and len(data) > len(PNG) for data in finals)  # complete ones
+    assert len(finals) < 4
+
+    server.route("/images/20220330/c8Agbj08W6.png", image(PNG + b"c8Agbj08W6.png"))
+    summary = await refresh(config)
+    assert summary.images_pending == 0
+    cached = sorted(p.read_bytes() for p in config.paths.cache.iterdir()
+                    if not p.name.startswith("."))
+    assert cached == sorted(PNG + n.encode() for n in SEED_IMAGES)
+
+
+def _listing(folder: Path) -> list[Path]:
+    return list(folder.iterdir()) if folder.is_dir() else []
+
+
+async def test_gc_removes_images_no_article_references(tmp_path, server):
+    config = load(write_config(tmp_path, server.url))
+    seed(config)
+    seed(config, "other.md", "---\ntitle: other\n---\n"
+         '<img src="https://img.cls.cn/images/20220330/onulZV1B5w.png">')
+    await refresh(config)
+    assert len(list(config.paths.cache.iterdir())) == 4
+    (config.paths.sources / "cls-seed.md").unlink()
+    (config.paths.cache / ".stale.png.part").write_bytes(b"x")
+    await refresh(config)
+
+    result = CliRunner().invoke(cli, ["-c", str(tmp_path / "config.yaml"), "gc"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("4 cached images removed")
+    [kept] = config.paths.cache.iterdir()
+    assert kept.read_bytes() == PNG + b"onulZV1B5w.png"
