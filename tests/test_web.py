@@ -27,7 +27,7 @@ from feeder.web import (
     accepts_gzip,
     feed_content_type,
     make_app,
-    safe_join,
+    resolve_inside,
 )
 
 Client = TestClient[web.Request, web.Application]
@@ -440,7 +440,7 @@ def cached(size: int, signature: tuple[int, int, int] = (1, 1, 1)) -> CachedFile
 
 def test_file_cache_is_bounded_lru() -> None:
     cache = FileCache(max_bytes=100)
-    a, b, c = Path("/a"), Path("/b"), Path("/c")
+    a, b, c = "/a", "/b", "/c"
     cache.put(a, cached(40))
     cache.put(b, cached(40))
     assert cache.get(a, (1, 1, 1)) is not None  # a is now the most recent
@@ -448,7 +448,7 @@ def test_file_cache_is_bounded_lru() -> None:
     assert cache.get(b, (1, 1, 1)) is None
     assert cache.get(a, (1, 1, 1)) is not None
     assert cache.size == 80
-    cache.put(Path("/huge"), cached(101))
+    cache.put("/huge", cached(101))
     assert len(cache) == 2
     assert cache.get(a, (2, 1, 1)) is None  # stale signature drops it
     assert cache.size == 40
@@ -612,24 +612,34 @@ async def test_symlink_inside_folder_is_served(client: Client, config: Config) -
     assert await resp.text() == RSS
 
 
-def test_safe_join(tmp_path: Path) -> None:
+def test_resolve_inside(tmp_path: Path) -> None:
     root = tmp_path.resolve()
-    (root / "a").mkdir()
-    assert safe_join(root, "a/rss.xml") == root / "a" / "rss.xml"
-    assert safe_join(root, "金融/rss.xml") == root / "金融" / "rss.xml"
+    write(root / "a" / "rss.xml", RSS)
+    write(root / "金融" / "rss.xml", RSS)
+    write(tmp_path.parent / "outside.txt", SECRET)
+    (root / "a" / "up").symlink_to(root.parent, target_is_directory=True)
+    (root / "b").symlink_to(root / "a", target_is_directory=True)
+    found = resolve_inside(str(root), "a/rss.xml")
+    assert found is not None
+    assert found[0] == str(root / "a" / "rss.xml")
+    assert found[1].st_size == len(RSS.encode())
+    assert resolve_inside(str(root), "金融/rss.xml") is not None
+    assert resolve_inside(str(root), "b/rss.xml") == (str(root / "a" / "rss.xml"), found[1])
     for tail in (
-        "../x",
-        "a/../../x",
-        "./x",
-        "/etc/passwd",
-        "a//x",
-        "a\\..\\x",
-        "x\x00",
-        ".hidden",
-        "a/.tmp",
+        "../outside.txt",
+        "a/../../outside.txt",
+        "./a/rss.xml",
+        str(tmp_path.parent / "outside.txt"),
+        "a//rss.xml",
+        "a\\..\\..\\outside.txt",
+        "a/rss.xml\x00",
+        "a/up/outside.txt",
+        "a/.hidden",
+        "a/missing.xml",
+        "a/rss.xml/x",
         "",
     ):
-        assert safe_join(root, tail) is None, tail
+        assert resolve_inside(str(root), tail) is None, tail
 
 
 # Health and metrics
