@@ -21,7 +21,7 @@ from feeder.config import Config, config_from_dict
 from feeder.refresh import open_refresher
 from tests.imageserver import PNG, ImageServer, hang, image, status
 
-SEED = Path(__file__).parents[2] / "shared" / "samples" / "cls-seed.md"
+SEED = Path(__file__).parents[1] / "sources" / "cls-seed.md"  # the shipped sample
 SEED_IMAGES = ["8ZNa70Fbl8.png", "c8Agbj08W6.png", "9qWTc0F18E.png", "onulZV1B5w.png"]
 BASE = "http://feeds.test"
 
