@@ -14,13 +14,18 @@ class OutputFolder:
 
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
+        self._prefix = os.path.join(self.root, "")
 
     def path(self, relative: str) -> Path:
-        """The absolute path of ``relative``; refuses anything that escapes the folder."""
-        target = (self.root / relative).resolve()
-        if not target.is_relative_to(self.root) or target == self.root:
+        """The absolute path of ``relative``; refuses anything that escapes the folder.
+
+        A lexical check (no symlink resolution): feeder alone writes this folder, and
+        the names it builds are slugs and hex ids. This runs for every file written.
+        """
+        target = os.path.normpath(os.path.join(self.root, relative))
+        if not target.startswith(self._prefix):
             raise FeederError(f"refusing to write outside {self.root}: {relative!r}")
-        return target
+        return Path(target)
 
     def write(self, relative: str, data: bytes) -> bool:
         """Write ``data`` unless the file already holds exactly it; True if written.

@@ -45,6 +45,8 @@ from feeder.types import Article, CachedImageInfo, SourceFile
 log = logging.getLogger(__name__)
 #: Meta key of what an unfinished refresh left to rebuild.
 _PENDING = "pending_build"
+#: Meta key of the settings the stored articles were parsed with.
+_PARSE_SETTINGS = "parse_settings"
 
 
 class Progress(Protocol):
@@ -187,6 +189,10 @@ class Refresher:
         root = self.config.paths.sources
         files = list(scan_sources(root))
         known = self.store.source_states()
+        parse_settings = self._parse_fingerprint()
+        if self.store.get_meta(_PARSE_SETTINGS) != parse_settings:
+            # Settings that change how a file parses: every source is parsed again.
+            known = {p: SourceState(-1, -1, "") for p in known}
         changes = _Changes()
         changed = [f for f in files if _stat_changed(known.get(f.path), f)]
         removed = known.keys() - {f.path for f in files}
@@ -203,6 +209,8 @@ class Refresher:
                 self._update_source(root, file, known.get(file.path), changes)
                 progress.advance("parse")
             self._save_pending(changes)
+            if not self._abandon.is_set():
+                self.store.set_meta(_PARSE_SETTINGS, parse_settings)
         self._check_abandoned()
         return files, changes
 
@@ -230,13 +238,14 @@ class Refresher:
                 changes.errors.append(str(e))
                 log.warning("%s", e)
         changes.count += 1
-        changes.categories |= self.store.categories_of([file.path])
+        if known is not None:  # a new source has no old categories or page
+            changes.categories |= self.store.categories_of([file.path])
         if article is not None:
             changes.categories |= set(article.categories)
             changes.pages.add(file.path)
             for warning in article.warnings:
                 log.warning("%s: warning: %s", file.path, warning)
-        elif self.store.article(file.path):
+        elif known is not None and self.store.article(file.path):
             changes.removed_pages.add(file.path)
         state = SourceState(file.size, file.mtime_ns, digest)
         self.store.put_source(file.path, state, article, error,
@@ -341,6 +350,12 @@ class Refresher:
         documents = build_feed(feed, articles, images, self.config)
         return sum(self.output.write(f"{feed.folder}/{name}", data)
                    for name, data in documents.items())
+
+    def _parse_fingerprint(self) -> str:
+        """What, besides a file's bytes, its parsed article depends on."""
+        c = self.config
+        inputs = [__version__, c.site.timezone, c.feeds.default_category, c.sources.max_bytes]
+        return hashlib.sha1(json.dumps(inputs, ensure_ascii=False).encode()).hexdigest()
 
     def _fingerprint(self) -> str:
         """What, besides articles and images, the output depends on."""

@@ -45,24 +45,26 @@ SUMMARY_CHARS = 280
 
 def scan_sources(root: Path) -> Iterator[SourceFile]:
     """Every article file under ``root`` (recursively), skipping dot-files and dot-folders."""
-    stack = [root]
+    # Plain strings, not Path objects: this runs for every file on every refresh.
+    stack = [""]
     while stack:
-        folder = stack.pop()
+        prefix = stack.pop()
         try:
-            entries = list(os.scandir(folder))
+            entries = list(os.scandir(os.path.join(root, prefix)))
         except FileNotFoundError:
             continue
         for entry in entries:
-            if entry.name.startswith("."):
+            name = entry.name
+            if name.startswith("."):
                 continue
+            rel = f"{prefix}/{name}" if prefix else name
             if entry.is_dir(follow_symlinks=False):
-                stack.append(Path(entry.path))
-            elif os.path.splitext(entry.name)[1].lower() in SOURCE_SUFFIXES:
+                stack.append(rel)
+            elif os.path.splitext(name)[1].lower() in SOURCE_SUFFIXES:
                 try:
                     st = entry.stat()
                 except FileNotFoundError:  # deleted between listing and stat
                     continue
-                rel = PurePosixPath(Path(entry.path).relative_to(root)).as_posix()
                 yield SourceFile(rel, st.st_size, st.st_mtime_ns)
 
 
@@ -145,7 +147,7 @@ class SourceParser:
             meta = self._handler.load(fm)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
-            line = mark.line + 2 + lines_before if mark else None
+            line = mark.line + 1 + lines_before if mark else None  # fm starts at the "---" line
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise SourceError(path, f"invalid YAML front matter: {problem}", line) from e
         if meta is None:
@@ -172,7 +174,8 @@ class SourceParser:
         html = body if PurePosixPath(path).suffix.lower() in HTML_SUFFIXES else (
             self._markdown.render(body)
         )
-        content = self._cleaner.clean(html)
+        # YAML escapes and HTML character references can produce them again.
+        content = strip_xml_forbidden(self._cleaner.clean(html))
         images = [*extract_image_urls(content), headimg, thumbnail]
         return Article(
             path=path,
@@ -224,6 +227,8 @@ def parse_date(value: Any, tz: tzinfo) -> datetime | None:
                 parsed = email.utils.parsedate_to_datetime(text)
             except (TypeError, ValueError):
                 return None
+            if parsed.tzinfo is None:  # RFC 5322's "-0000": UTC, origin unknown
+                parsed = parsed.replace(tzinfo=UTC)
     else:
         return None
     if parsed.tzinfo is None:
@@ -242,20 +247,20 @@ def _names(value: Any, what: str, warnings: list[str]) -> tuple[str, ...]:
             names.extend(_names(item, what, warnings))
         elif isinstance(item, dict):
             for k, v in item.items():
-                name = f"{k}: {v}" if v is not None else str(k)
+                name = strip_xml_forbidden(f"{k}: {v}" if v is not None else str(k))
                 warnings.append(f"{what} {item!r} is a mapping: read as {name!r}")
                 names.append(name)
         elif item is None or str(item).strip() == "":
             warnings.append(f"empty {what} dropped")
         else:
-            names.append(" ".join(str(item).split()))
+            names.append(" ".join(strip_xml_forbidden(str(item)).split()))
     return tuple(dict.fromkeys(names))
 
 
 def _text(value: Any) -> str | None:
     if value is None:
         return None
-    text = " ".join(str(value).split())
+    text = " ".join(strip_xml_forbidden(str(value)).split())
     return text or None
 
 

@@ -1,0 +1,100 @@
+"""Shared fixtures: a config whose every path is under ``tmp_path``, and source files.
+
+Images never reach the network: ``https://img.cls.cn`` is mapped to port 9 on
+loopback, where nothing listens, so every fetch fails at once and an image simply
+stays pending (one attempt, no back-off sleep).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from feeder.config import Config, config_from_dict
+
+_REPO = Path(__file__).resolve().parents[1]
+#: The reference article (HTML body, Hexo front matter), as shipped with the project.
+SEED_PATH = _REPO / "sources" / "cls-seed.md"
+SEED_TEXT = SEED_PATH.read_text(encoding="utf-8")
+
+#: Where ``https://img.cls.cn`` is fetched from in tests: a closed loopback port.
+UNREACHABLE_MIRROR = "http://127.0.0.1:9"
+
+#: The config every test starts from; paths are relative to ``tmp_path``.
+BASE_CONFIG: dict[str, Any] = {
+    "paths": {"sources": "sources", "feeds": "feeds", "cache": "cache", "state": "state"},
+    "site": {"base_url": "http://feeds.example.test", "title": "Test feeds"},
+    "images": {
+        "origins": {"https://img.cls.cn": UNREACHABLE_MIRROR},
+        "attempts": 1,
+        "timeout": 2,
+        "deadline": 5,
+    },
+}
+
+
+def config_dict(**overrides: dict[str, Any]) -> dict[str, Any]:
+    """:data:`BASE_CONFIG` with ``overrides`` merged in, section by section."""
+    raw = copy.deepcopy(BASE_CONFIG)
+    for section, values in overrides.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+def make_config(tmp_path: Path, **overrides: dict[str, Any]) -> Config:
+    """A validated Config with every folder under ``tmp_path``.
+
+    ``make_config(tmp_path, feeds={"items": 3})`` changes ``feeds.items`` only.
+    """
+    return config_from_dict(config_dict(**overrides), tmp_path)
+
+
+def write_config_file(tmp_path: Path, **overrides: dict[str, Any]) -> Path:
+    """Write ``tmp_path/config.yaml`` (same content as :func:`make_config`); return its path."""
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config_dict(**overrides), allow_unicode=True),
+                    encoding="utf-8")
+    return path
+
+
+def write_source(config: Config, relpath: str, content: str | bytes,
+                 mtime: float | None = None) -> Path:
+    """Write a file under ``paths.sources`` (creating folders); ``str`` is written as UTF-8."""
+    path = config.paths.sources / relpath
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = content.encode("utf-8") if isinstance(content, str) else content
+    path.write_bytes(data)
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+    return path
+
+
+def article_text(title: str | None = "An article", body: str = "Body text.",
+                 **front: Any) -> str:
+    """A small source file: YAML front matter (``title`` plus ``front``) and a body."""
+    meta = {"title": title, **front} if title is not None else dict(front)
+    dumped = yaml.safe_dump(meta, allow_unicode=True, sort_keys=False) if meta else ""
+    return f"---\n{dumped}---\n{body}\n"
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    """The default test config (sources/, feeds/, cache/, state/ under ``tmp_path``)."""
+    return make_config(tmp_path)
+
+
+@pytest.fixture
+def seed_text() -> str:
+    return SEED_TEXT
+
+
+@pytest.fixture
+def config_factory(tmp_path: Path) -> Callable[..., Config]:
+    """``config_factory(feeds={...})``: :func:`make_config` bound to this test's ``tmp_path``."""
+    return lambda **overrides: make_config(tmp_path, **overrides)

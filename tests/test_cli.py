@@ -1,0 +1,302 @@
+"""The command line as a user runs it: output lines and exit status."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from feeder import __version__
+from feeder.cli import cli
+from feeder.config import Config, load_config
+from feeder.sources import SourceParser
+from feeder.store import Store
+from feeder.types import CachedImageInfo
+from tests.conftest import SEED_TEXT, write_config_file, write_source
+
+#: Sources refused by `check`, and a word their reason must contain.
+BAD = {
+    "bad/empty.md": (b"", "empty"),
+    "bad/no-front-matter.md": (b"# Notes\n\nNo front matter.\n", "front matter"),
+    "bad/broken.md": (b"---\ntitle: ok\nauthor: a: b\n---\nBody.\n", "YAML"),
+    "bad/gbk.md": ("---\ntitle: 沪上险企\n---\n正文\n".encode("gbk"), "UTF-8"),
+    "bad/list.md": (b"---\n- a\n- b\n---\nBody.\n", "mapping"),
+    "deep/er/huge.md": (b"---\ntitle: huge\n---\n" + b"x" * 10_000 + b"\n", "max_bytes"),
+}
+GOOD = {
+    "cls-seed.md": SEED_TEXT.encode(),
+    "sub/clean.md": b"---\ntitle: Clean\ndate: 2022-03-30\ncategories: [A]\n---\nBody.\n",
+    "sub/page.html": b"---\ntitle: Page\ndate: 2022-03-30\ncategories: A\n---\n<p>x</p>\n",
+}
+#: Published, with warnings: no date, a category read as a mapping, a commented-out one.
+WARNED = {
+    "warn/undated.md": b"---\ntitle: Undated\ncategories: [A]\n---\nBody.\n",
+    "warn/odd.md": "---\ntitle: Odd\ndate: 2022-03-30\ncategories:\n - 科创板: 新股\n - #热点\n"
+                   "---\nBody.\n".encode(),
+}
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    return write_config_file(tmp_path, sources={"max_bytes": 8192})
+
+
+@pytest.fixture
+def config(config_file: Path) -> Config:
+    return load_config(config_file)
+
+
+def run(config_file: Path, *args: str) -> Result:
+    return CliRunner().invoke(cli, ["-c", str(config_file), *args], catch_exceptions=False)
+
+
+def lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def write_all(config: Config, *groups: dict[str, bytes | tuple[bytes, str]]) -> None:
+    for group in groups:
+        for path, value in group.items():
+            write_source(config, path, value[0] if isinstance(value, tuple) else value)
+
+
+def test_version() -> None:
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"feeder, version {__version__}"
+
+
+def test_help_needs_no_config(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["-c", str(tmp_path / "missing.yaml"), "--help"])
+    assert result.exit_code == 0
+    for command in ("refresh", "check", "status", "gc"):
+        assert command in result.stdout
+
+
+# -- refresh ----------------------------------------------------------------------------
+
+
+def test_refresh_prints_one_summary_line(config_file: Path, config: Config) -> None:
+    write_all(config, GOOD, BAD)
+    result = run(config_file, "refresh")
+    assert result.exit_code == 0  # bad sources do not fail the refresh
+    out = lines(result.stdout)
+    assert len(out) == 1
+    summary = out[0]
+    scanned = len(GOOD) + len(BAD)
+    assert f"{scanned} files scanned" in summary
+    assert f"{len(BAD)} failed" in summary
+    assert f"{len(GOOD)} articles" in summary
+    assert (config.paths.feeds / "all" / "rss.xml").is_file()
+    again = lines(run(config_file, "refresh").stdout)
+    assert len(again) == 1
+    assert "0 changed" in again[0]
+    assert "0 files written" in again[0]
+
+
+def test_refresh_finds_config_in_environment(tmp_path: Path, config_file: Path,
+                                             config: Config) -> None:
+    write_all(config, GOOD)
+    result = CliRunner().invoke(cli, ["refresh"], env={"FEEDER_CONFIG": str(config_file)})
+    assert result.exit_code == 0, result.output
+    assert f"{len(GOOD)} files scanned" in result.stdout
+    assert (tmp_path / "feeds" / "index.opml").is_file()
+
+
+def test_refresh_of_empty_folder(config_file: Path, config: Config) -> None:
+    result = run(config_file, "refresh")
+    assert result.exit_code == 0
+    assert "0 files scanned" in result.stdout
+    assert (config.paths.feeds / "index.html").is_file()
+
+
+# -- check ------------------------------------------------------------------------------
+
+
+def test_check_reports_each_refused_source_once(config_file: Path, config: Config) -> None:
+    write_all(config, GOOD, BAD, WARNED)
+    result = run(config_file, "check")
+    assert result.exit_code == 1
+    out = lines(result.stdout)
+    refused = [line for line in out if ": warning: " not in line]
+    warned = [line for line in out if ": warning: " in line]
+    assert len(refused) == len(BAD)
+    by_path = {re.match(r"([^:]+):", line).group(1): line for line in refused}  # type: ignore[union-attr]
+    assert set(by_path) == set(BAD)
+    for path, (_, reason) in BAD.items():
+        assert reason in by_path[path]
+    assert "bad/gbk.md:2: " in by_path["bad/gbk.md"]
+    # Warnings name the (published) source and say what was odd.
+    assert {line.split(": warning: ")[0] for line in warned} == set(WARNED)
+    assert any("date" in line for line in warned if line.startswith("warn/undated.md"))
+    odd = [line for line in warned if line.startswith("warn/odd.md")]
+    assert len(odd) == 2
+    assert any("科创板" in line for line in odd)
+    # Nothing about the good ones.
+    assert not any(line.startswith(tuple(GOOD)) for line in out)
+
+
+def test_check_clean_folder_exits_0(config_file: Path, config: Config) -> None:
+    write_all(config, GOOD)
+    result = run(config_file, "check")
+    assert result.exit_code == 0
+    assert result.stdout == ""
+
+
+def test_check_warnings_alone_exit_0(config_file: Path, config: Config) -> None:
+    write_all(config, GOOD, WARNED)
+    result = run(config_file, "check")
+    assert result.exit_code == 0
+    assert all(": warning: " in line for line in lines(result.stdout))
+    assert len(lines(result.stdout)) == 3
+
+
+def test_check_one_file(config_file: Path, config: Config) -> None:
+    write_all(config, GOOD, BAD)
+    bad = config.paths.sources / "bad" / "gbk.md"
+    result = run(config_file, "check", str(bad))
+    assert result.exit_code == 1
+    assert lines(result.stdout) == [lines(result.stdout)[0]]
+    assert result.stdout.startswith("bad/gbk.md:2: ")
+    assert "UTF-8" in result.stdout
+    good = run(config_file, "check", str(config.paths.sources / "sub" / "clean.md"))
+    assert good.exit_code == 0
+    assert good.stdout == ""
+
+
+def test_check_one_folder(config_file: Path, config: Config) -> None:
+    write_all(config, GOOD, BAD)
+    result = run(config_file, "check", str(config.paths.sources / "sub"))
+    assert result.exit_code == 0
+    result = run(config_file, "check", str(config.paths.sources / "deep"))
+    assert result.exit_code == 1
+    assert lines(result.stdout)[0].startswith("deep/er/huge.md: ")
+
+
+def test_check_file_outside_sources(tmp_path: Path, config_file: Path) -> None:
+    outside = tmp_path / "elsewhere.md"
+    outside.write_bytes(b"no front matter\n")
+    result = run(config_file, "check", str(outside))
+    assert result.exit_code == 1
+    assert result.stdout.startswith(f"{outside}:")
+
+
+# -- config errors ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"images": {"max_byte": 5}}, "images.max_byte"),
+        ({"feeds": {"items": -1}}, "feeds.items"),
+        ({"site": {"timezone": "Mars/Olympus"}}, "site.timezone"),
+        ({"schedule": {"interval": "often"}}, "schedule.interval"),
+    ],
+)
+@pytest.mark.parametrize("command", ["refresh", "check", "status", "gc"])
+def test_bad_config_names_the_key(tmp_path: Path, overrides: dict[str, dict[str, object]],
+                                  key: str, command: str) -> None:
+    config_file = write_config_file(tmp_path, **overrides)
+    result = CliRunner().invoke(cli, ["-c", str(config_file), command])
+    assert result.exit_code != 0
+    assert key in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "feeds").exists()
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["-c", str(tmp_path / "nope.yaml"), "refresh"])
+    assert result.exit_code != 0
+    assert "nope.yaml" in result.output
+
+
+# -- status -----------------------------------------------------------------------------
+
+
+def test_status_before_any_refresh(config_file: Path) -> None:
+    result = run(config_file, "status")
+    assert result.exit_code == 0
+    assert "never refreshed" in result.stdout
+
+
+def test_status_lists_failing_sources(config_file: Path, config: Config) -> None:
+    write_all(config, GOOD, BAD, WARNED)
+    run(config_file, "refresh")
+    result = run(config_file, "status")
+    assert result.exit_code == 0
+    out = result.stdout
+    assert "files scanned" in out
+    for path, (_, reason) in BAD.items():
+        line = next(line for line in lines(out) if f" {path}: " in line)
+        assert line.startswith("failing source ")
+        assert reason in line
+    assert not any(f"failing source {path}" in out for path in (*GOOD, *WARNED))
+    assert "source warn/undated.md: warning: " in out
+    # The seed's images could not be fetched: they are listed with their error.
+    assert "failing image https://img.cls.cn/images/20220330/8ZNa70Fbl8.png" in out
+    counts = f"{len(GOOD) + len(WARNED)} articles"
+    assert counts in out
+
+
+def test_status_forgets_a_fixed_source(config_file: Path, config: Config) -> None:
+    write_source(config, "bad/gbk.md", BAD["bad/gbk.md"][0])
+    run(config_file, "refresh")
+    assert "failing source bad/gbk.md" in run(config_file, "status").stdout
+    write_source(config, "bad/gbk.md", "---\ntitle: 沪上险企\ndate: 2022-03-30\n---\n正文\n")
+    run(config_file, "refresh")
+    assert "failing source" not in run(config_file, "status").stdout
+
+
+# -- gc ---------------------------------------------------------------------------------
+
+
+def test_gc_removes_stray_files(config_file: Path, config: Config) -> None:
+    cache = config.paths.cache
+    cache.mkdir(parents=True)
+    (cache / "stray.png").write_bytes(b"x" * 100)
+    (cache / "old.jpg").write_bytes(b"y" * 23)
+    result = run(config_file, "gc")
+    assert result.exit_code == 0
+    assert result.stdout.strip() == "2 cached images removed, 123 bytes freed, 0 kept"
+    assert list(cache.iterdir()) == []
+    again = run(config_file, "gc")
+    assert again.stdout.strip() == "0 cached images removed, 0 bytes freed, 0 kept"
+
+
+def test_gc_with_no_cache_folder(config_file: Path) -> None:
+    result = run(config_file, "gc")
+    assert result.exit_code == 0
+    assert result.stdout.strip().startswith("0 cached images removed")
+
+
+def test_gc_keeps_referenced_images(config_file: Path, config: Config) -> None:
+    write_source(config, "cls-seed.md", SEED_TEXT)
+    run(config_file, "refresh")
+    # Record one referenced image as cached, as a successful fetch would.
+    url = "https://img.cls.cn/images/20220330/c8Agbj08W6.png"
+    assert url in SourceParser(config).parse(
+        "cls-seed.md", SEED_TEXT.encode(), datetime.now(UTC)).images
+    cache = config.paths.cache
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / "kept.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 8)
+    (cache / "stray.png").write_bytes(b"z" * 10)
+    store = Store.open(config.database)
+    try:
+        with store.transaction():
+            store.put_cached_image(url, CachedImageInfo("kept.png", 16, "image/png"),
+                                   datetime.now(UTC))
+    finally:
+        store.close()
+    result = run(config_file, "gc")
+    assert result.exit_code == 0
+    assert result.stdout.strip() == "1 cached images removed, 10 bytes freed, 1 kept"
+    assert sorted(p.name for p in cache.iterdir()) == ["kept.png"]
+    # Once no article references it, it goes too.
+    (config.paths.sources / "cls-seed.md").unlink()
+    run(config_file, "refresh")
+    result = run(config_file, "gc")
+    assert result.stdout.strip() == "1 cached images removed, 16 bytes freed, 0 kept"
+    assert list(cache.iterdir()) == []

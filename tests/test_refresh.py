@@ -1,0 +1,496 @@
+"""One refresh, end to end on real files: what lands in feeds/, and what is left alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from xml.etree import ElementTree
+
+import feedparser
+import lxml.html
+import pytest
+
+from feeder.config import Config, load_config
+from feeder.exceptions import LockedError
+from feeder.refresh import RefreshSummary, lock, open_refresher
+from feeder.sources import article_id
+from tests.conftest import (
+    SEED_TEXT,
+    article_text,
+    make_config,
+    write_config_file,
+    write_source,
+)
+
+SEED_CATEGORIES = ("金融", "财联社", "深度")
+FEED_FILES = ("rss.xml", "atom.xml", "feed.json")
+T0 = datetime(2022, 3, 1, 8, tzinfo=UTC).timestamp()
+
+
+async def refresh(config: Config) -> RefreshSummary:
+    with open_refresher(config) as refresher:
+        return await refresher.refresh()
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file under ``folder``: its mtime_ns and bytes."""
+    return {
+        p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def feed(config: Config, folder: str, name: str = "rss.xml") -> feedparser.FeedParserDict:
+    parsed = feedparser.parse((config.paths.feeds / folder / name).read_bytes())
+    assert parsed.bozo == 0, parsed.get("bozo_exception")
+    return parsed
+
+
+def titles(config: Config, folder: str) -> list[str]:
+    return [e.title for e in feed(config, folder).entries]
+
+
+def assert_all_feeds_valid(config: Config) -> None:
+    feeds = config.paths.feeds
+    for path in feeds.rglob("*.xml"):
+        parsed = feedparser.parse(path.read_bytes())
+        assert parsed.bozo == 0, (path, parsed.get("bozo_exception"))
+    for path in feeds.rglob("*.json"):
+        json.loads(path.read_bytes())
+
+
+def dated(title: str, day: int, categories: str | list[str] = "A", **front: object) -> str:
+    when = datetime(2022, 3, day, 8, tzinfo=UTC).isoformat()
+    return article_text(title, f"<p>{title} text</p>", date=when, categories=categories, **front)
+
+
+#: Sources that must be refused, each for its own reason.
+BAD_SOURCES: dict[str, bytes] = {
+    "bad/empty.md": b"",
+    "bad/blank.md": b"  \n\n\t\n",
+    "bad/no-front-matter.md": b"# Just notes\n\nNo front matter.\n",
+    "bad/broken-yaml.md": b"---\ntitle: ok\nauthor: a: b\n---\nBody.\n",
+    "bad/gbk.md": "---\ntitle: 沪上险企\n---\n正文\n".encode("gbk"),
+    "bad/list.md": b"---\n- a\n- b\n---\nBody.\n",
+    "bad/scalar.md": b"---\njust a sentence\n---\nBody.\n",
+    "bad/huge.md": b"---\ntitle: huge\n---\n" + b"x" * 70_000 + b"\n",
+}
+
+#: Sources that must be published, with the title each one gets.
+GOOD_SOURCES: dict[str, tuple[bytes, str]] = {
+    "good/seed.md": (SEED_TEXT.encode(),
+                     "沪上险企战疫进行时：加强健康服务、保障菜篮子、线上线下同守_沪_"),
+    "good/bom.md": (b"\xef\xbb\xbf---\ntitle: With BOM\ndate: 2022-03-02\n---\nx\n", "With BOM"),
+    "good/crlf.md": (b"---\r\ntitle: CRLF\r\ndate: 2022-03-03\r\n---\r\nx\r\n", "CRLF"),
+    "good/blank-first.md": (b"\n\n---\ntitle: Blank first\ndate: 2022-03-04\n---\nx\n",
+                            "Blank first"),
+    "good/hexo.md": ("---\ntitle: Hexo\ndate: 2022-03-05 11:17:49\ncategories:\n - [金融, 股票]\n"
+                     "---\nx\n".encode(), "Hexo"),
+    "good/odd-categories.md": ("---\ntitle: Odd\ndate: 2022-03-06\ncategories:\n - 科创板: 新股\n"
+                               " - #热点\n---\nx\n".encode(), "Odd"),
+    "good/no-title.md": (b"---\ndate: 2022-03-07\n---\n# Hi\n", "no title"),
+    "good/undated.md": (b"---\ntitle: Undated\n---\nx\n", "Undated"),
+    "good/page.html": (b"---\ntitle: HTML page\ndate: 2022-03-08\nlink: https://e.example/p\n"
+                       b"---\n<p>x</p>\n", "HTML page"),
+    "good/control.md": ("---\ntitle: Con\x00trol\x0b\ndate: 2022-03-09\n---\nx\x1fy\ufffe\n"
+                        .encode(), "Control"),
+}
+
+
+# -- a first refresh --------------------------------------------------------------------
+
+
+async def test_seed_is_published_everywhere(config: Config) -> None:
+    write_source(config, "cls-seed.md", SEED_TEXT)
+    summary = await refresh(config)
+    assert (summary.scanned, summary.articles, summary.failed) == (1, 1, 0)
+    assert summary.written > 0
+    out = config.paths.feeds
+    for folder in [*(f"categories/{c}" for c in SEED_CATEGORIES), "all"]:
+        for name in FEED_FILES:
+            assert (out / folder / name).is_file(), (folder, name)
+        assert titles(config, folder) == [GOOD_SOURCES["good/seed.md"][1]]
+        assert feed(config, folder, "atom.xml").entries[0].title == titles(config, folder)[0]
+        items = json.loads((out / folder / "feed.json").read_bytes())["items"]
+        assert len(items) == 1
+    page = out / "articles" / f"{article_id('cls-seed.md')}.html"
+    html = page.read_text(encoding="utf-8")
+    assert "沪上险企战疫进行时" in html
+    assert "杨芮" in html
+    # The item links to that page (the seed has no link of its own).
+    assert feed(config, "all").entries[0].link.endswith(f"/feeds/articles/{page.name}")
+    # The images could not be fetched (the origin is unreachable): they stay pending.
+    assert summary.images_pending >= 4
+    assert summary.images_fetched == 0
+    assert "https://img.cls.cn/images/20220330/c8Agbj08W6.png" in html
+
+
+async def test_opml_and_index_list_every_feed(config: Config) -> None:
+    write_source(config, "cls-seed.md", SEED_TEXT)
+    await refresh(config)
+    opml = ElementTree.parse(config.paths.feeds / "index.opml").getroot()
+    outlines = opml.findall("body/outline")
+    urls = {o.get("xmlUrl") for o in outlines}
+    base = "http://feeds.example.test/feeds/"
+    expected = {base + "all/rss.xml"} | {
+        base + "categories/" + "".join(f"%{b:02X}" for b in c.encode()) + "/rss.xml"
+        for c in SEED_CATEGORIES
+    }
+    assert urls == expected
+    assert all(o.get("text") and o.get("type") == "rss" for o in outlines)
+    index = lxml.html.fromstring((config.paths.feeds / "index.html").read_bytes())
+    discovery = index.xpath('//head/link[@rel="alternate"][@type="application/rss+xml"]/@href')
+    assert set(discovery) == expected
+
+
+async def test_mixed_folder_publishes_every_good_source(tmp_path: Path) -> None:
+    config = make_config(tmp_path, sources={"max_bytes": 65_536})
+    for path, data in BAD_SOURCES.items():
+        write_source(config, path, data)
+    for path, (data, _) in GOOD_SOURCES.items():
+        write_source(config, path, data)
+    summary = await refresh(config)
+    assert summary.scanned == len(BAD_SOURCES) + len(GOOD_SOURCES)
+    assert summary.failed == len(BAD_SOURCES)
+    assert summary.articles == len(GOOD_SOURCES)
+    assert sorted(e.split(":")[0] for e in summary.errors) == sorted(BAD_SOURCES)
+    published = set(titles(config, "all"))
+    assert published == {title for _, title in GOOD_SOURCES.values()}
+    for path in GOOD_SOURCES:
+        assert (config.paths.feeds / "articles" / f"{article_id(path)}.html").is_file()
+    for path in BAD_SOURCES:
+        assert not (config.paths.feeds / "articles" / f"{article_id(path)}.html").exists()
+    categories = {p.name for p in (config.paths.feeds / "categories").iterdir()}
+    assert {"金融", "股票", "科创板-新股", "Uncategorized", *SEED_CATEGORIES} <= categories
+    assert_all_feeds_valid(config)
+    # Nothing changed: the bad ones are not counted twice, nothing is rewritten.
+    again = await refresh(config)
+    assert (again.failed, again.changed, again.written) == (len(BAD_SOURCES), 0, 0)
+
+
+async def test_forbidden_character_reference_does_not_sink_the_refresh(config: Config) -> None:
+    write_source(config, "good.md", dated("Good", 1))
+    write_source(config, "evil.html", dated("Evil", 2).replace("text", "&#1;"))
+    await refresh(config)
+    assert "Good" in titles(config, "all")
+    assert_all_feeds_valid(config)
+
+
+# -- change detection -------------------------------------------------------------------
+
+
+async def test_second_refresh_with_no_change_writes_nothing(config: Config) -> None:
+    write_source(config, "cls-seed.md", SEED_TEXT)
+    write_source(config, "a.md", dated("A1", 1, ["A", "深度"]))
+    write_source(config, "bad.md", b"")
+    await refresh(config)
+    before = snapshot(config.paths.feeds)
+    summary = await refresh(config)
+    assert summary.written == 0
+    assert summary.changed == 0
+    assert snapshot(config.paths.feeds) == before
+
+
+async def test_editing_one_article_rewrites_only_its_feeds(config: Config) -> None:
+    write_source(config, "a.md", dated("A1", 1, "A"), mtime=T0)
+    write_source(config, "b.md", dated("B1", 2, "B"), mtime=T0)
+    await refresh(config)
+    before = snapshot(config.paths.feeds)
+    write_source(config, "a.md", dated("A1 edited", 1, "A"), mtime=T0 + 60)
+    summary = await refresh(config)
+    after = snapshot(config.paths.feeds)
+    assert summary.changed == 1
+    assert titles(config, "categories/A") == ["A1 edited"]
+    assert "A1 edited" in titles(config, "all")
+    changed = {path for path in after if after[path] != before.get(path)}
+    page_a = f"articles/{article_id('a.md')}.html"
+    assert changed == {page_a} | {f"{folder}/{name}" for folder in ("all", "categories/A")
+                                  for name in FEED_FILES}
+    for name in FEED_FILES:
+        assert after[f"categories/B/{name}"] == before[f"categories/B/{name}"]
+
+
+async def test_touched_but_unchanged_file_is_not_reparsed(config: Config) -> None:
+    source = write_source(config, "a.md", dated("A1", 1), mtime=T0)
+    await refresh(config)
+    before = snapshot(config.paths.feeds)
+    os.utime(source, (T0 + 3600, T0 + 3600))
+    summary = await refresh(config)
+    assert (summary.changed, summary.written) == (0, 0)
+    assert snapshot(config.paths.feeds) == before
+    # The new stat figures were remembered: a third refresh does not even read it.
+    assert (await refresh(config)).changed == 0
+
+
+async def test_deleted_source_leaves_feeds_and_its_page(config: Config) -> None:
+    write_source(config, "keep.md", dated("Keep", 1, ["A", "Shared"]))
+    gone = write_source(config, "gone.md", dated("Gone", 2, ["B", "Shared"]))
+    await refresh(config)
+    page = config.paths.feeds / "articles" / f"{article_id('gone.md')}.html"
+    assert page.is_file()
+    assert titles(config, "categories/Shared") == ["Gone", "Keep"]
+    gone.unlink()
+    summary = await refresh(config)
+    assert summary.articles == 1
+    assert not page.exists()
+    for folder in ("all", "categories/Shared"):
+        assert titles(config, folder) == ["Keep"]
+        atom = feed(config, folder, "atom.xml")
+        assert [e.title for e in atom.entries] == ["Keep"]
+        items = json.loads((config.paths.feeds / folder / "feed.json").read_bytes())["items"]
+        assert [i["title"] for i in items] == ["Keep"]
+    # Its only category has no article left: its folder goes too.
+    assert not (config.paths.feeds / "categories" / "B").exists()
+    assert (config.paths.feeds / "categories" / "A" / "rss.xml").is_file()
+    opml = (config.paths.feeds / "index.opml").read_text(encoding="utf-8")
+    assert "categories/B/" not in opml
+
+
+async def test_category_that_loses_its_last_article_is_removed(config: Config) -> None:
+    write_source(config, "a.md", dated("A1", 1, ["A", "Lonely"]), mtime=T0)
+    write_source(config, "b.md", dated("B1", 2, "A"), mtime=T0)
+    await refresh(config)
+    assert (config.paths.feeds / "categories" / "Lonely" / "rss.xml").is_file()
+    write_source(config, "a.md", dated("A1", 1, "A"), mtime=T0 + 60)  # recategorized
+    await refresh(config)
+    assert not (config.paths.feeds / "categories" / "Lonely").exists()
+    assert titles(config, "categories/A") == ["B1", "A1"]
+    index = (config.paths.feeds / "index.html").read_text(encoding="utf-8")
+    assert "Lonely" not in index
+
+
+async def test_older_article_added_later_comes_after_newer_ones(config: Config) -> None:
+    write_source(config, "new1.md", dated("Newer", 20))
+    write_source(config, "new2.md", dated("Newest", 25))
+    await refresh(config)
+    write_source(config, "old.md", dated("Old", 1))
+    await refresh(config)
+    for folder in ("all", "categories/A"):
+        assert titles(config, folder) == ["Newest", "Newer", "Old"]
+        atom = feed(config, folder, "atom.xml")
+        assert [e.title for e in atom.entries] == ["Newest", "Newer", "Old"]
+    # The feed is dated by its newest item, not by the last one added.
+    assert feed(config, "all").feed.updated_parsed[:3] == (2022, 3, 25)
+
+
+async def test_unchanged_file_is_not_read_again(config: Config) -> None:
+    """Same size and mtime: the content is trusted to the state database, never re-read."""
+    source = write_source(config, "a.md", dated("Original", 1))
+    await refresh(config)
+    before = snapshot(config.paths.feeds)
+    stat = source.stat()
+    garbage = b"\xff" * stat.st_size  # would be refused as not UTF-8, if it were read
+    source.write_bytes(garbage)
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    summary = await refresh(config)
+    assert (summary.changed, summary.failed, summary.written) == (0, 0, 0)
+    assert titles(config, "all") == ["Original"]
+    assert snapshot(config.paths.feeds) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+async def test_unreadable_unchanged_file_is_not_read_again(config: Config) -> None:
+    source = write_source(config, "a.md", dated("Original", 1))
+    write_source(config, "b.md", dated("Other", 2))
+    await refresh(config)
+    source.chmod(0)
+    try:
+        summary = await refresh(config)
+        assert (summary.failed, summary.written) == (0, 0)
+        assert titles(config, "all") == ["Other", "Original"]
+    finally:
+        source.chmod(0o644)
+
+
+async def test_unreadable_changed_file_is_refused_not_fatal(config: Config) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root reads files whatever their mode")
+    source = write_source(config, "a.md", dated("A", 1))
+    write_source(config, "b.md", dated("B", 2))
+    source.chmod(0)
+    try:
+        summary = await refresh(config)
+        assert summary.failed == 1
+        assert titles(config, "all") == ["B"]
+    finally:
+        source.chmod(0o644)
+
+
+async def test_state_database_survives_and_rebuilds(config: Config) -> None:
+    write_source(config, "a.md", dated("A1", 1))
+    await refresh(config)
+    before = snapshot(config.paths.feeds)
+    for file in config.paths.state.iterdir():
+        file.unlink()
+    summary = await refresh(config)
+    assert summary.changed == 1  # a cold refresh re-reads everything ...
+    assert summary.written == 0  # ... and finds every output already right
+    assert snapshot(config.paths.feeds) == before
+
+
+async def test_changing_base_url_rewrites_links_not_ids(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    write_source(config, "a.md", dated("A1", 1))
+    await refresh(config)
+    ids = [e.id for e in feed(config, "all").entries]
+    moved = make_config(tmp_path, site={"base_url": "https://moved.example"})
+    summary = await refresh(moved)
+    assert summary.written > 0
+    entries = feed(moved, "all").entries
+    assert [e.id for e in entries] == ids
+    assert entries[0].link.startswith("https://moved.example/feeds/articles/")
+
+
+async def test_feeds_items_limit_applies(tmp_path: Path) -> None:
+    config = make_config(tmp_path, feeds={"items": 2})
+    for day in range(1, 6):
+        write_source(config, f"a{day}.md", dated(f"Day {day}", day))
+    summary = await refresh(config)
+    assert summary.articles == 5
+    assert titles(config, "all") == ["Day 5", "Day 4"]
+
+
+
+# Config keys that change how a source reads. Parsed articles are kept in the state
+# database, and a source is only parsed again when its file changes.
+
+
+async def test_new_default_category_applies_to_existing_sources(tmp_path: Path) -> None:
+    write_source(make_config(tmp_path), "a.md", article_text("A", date="2022-03-30"))
+    await refresh(make_config(tmp_path))
+    assert (tmp_path / "feeds" / "categories" / "Uncategorized").is_dir()
+    await refresh(make_config(tmp_path, feeds={"default_category": "Misc"}))
+    assert (tmp_path / "feeds" / "categories" / "Misc" / "rss.xml").is_file()
+    assert not (tmp_path / "feeds" / "categories" / "Uncategorized").exists()
+
+
+async def test_new_timezone_applies_to_existing_sources(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    write_source(config, "a.md", "---\ntitle: A\ndate: 2022-03-30 11:17:49\n---\nx\n")
+    await refresh(config)
+    assert feed(config, "all").entries[0].published_parsed[:6] == (2022, 3, 30, 3, 17, 49)
+    utc = make_config(tmp_path, site={"timezone": "UTC"})
+    await refresh(utc)
+    assert feed(utc, "all").entries[0].published_parsed[:6] == (2022, 3, 30, 11, 17, 49)
+
+
+async def test_raised_max_bytes_publishes_a_file_refused_before(tmp_path: Path) -> None:
+    small = make_config(tmp_path, sources={"max_bytes": 200})
+    write_source(small, "big.md", article_text("Big", "x" * 300, date="2022-03-30"))
+    assert (await refresh(small)).failed == 1
+    large = make_config(tmp_path, sources={"max_bytes": 1000})
+    summary = await refresh(large)
+    assert (summary.failed, summary.articles) == (0, 1)
+    assert titles(large, "all") == ["Big"]
+
+# -- the lock ---------------------------------------------------------------------------
+
+
+def test_lock_refuses_a_second_holder(config: Config) -> None:
+    with lock(config), pytest.raises(LockedError), lock(config, wait=False):
+        pass
+    with lock(config, wait=False):  # released: free again
+        pass
+
+
+async def test_unreachable_images_wait_for_their_retry(config: Config) -> None:
+    """An unreachable origin: the images stay pending, and are not retried at once."""
+    write_source(config, "cls-seed.md", SEED_TEXT)
+    first = await refresh(config)
+    assert first.images_failed >= 4
+    assert first.images_pending == first.images_failed
+    second = await refresh(config)
+    assert second.images_failed == 0  # not due yet
+    assert second.images_pending == first.images_pending
+
+
+
+# -- kill -9 ----------------------------------------------------------------------------
+
+
+def write_corpus(config: Config, count: int) -> None:
+    """``count`` small articles in 27 categories, spread over folders and dates."""
+    for i in range(count):
+        write_source(config, f"d{i % 10}/a{i:04d}.md", (
+            f"---\ntitle: Article {i}\ncategories: [c{i % 20}, 分类{i % 7}]\n"
+            f"date: 2022-03-{1 + i % 28:02d} {i % 24:02d}:{i % 60:02d}:00\n---\n"
+            + f"<p>第 {i} 篇.</p>\n"
+        ))
+
+
+def assert_output_intact(config: Config, context: str) -> None:
+    """Every feed parses, every JSON feed loads, every page is whole."""
+    feeds = config.paths.feeds
+    for path in feeds.rglob("*.xml"):
+        parsed = feedparser.parse(path.read_bytes())
+        assert parsed.bozo == 0, (context, path, parsed.get("bozo_exception"))
+    for path in feeds.rglob("*.json"):
+        try:
+            json.loads(path.read_bytes())
+        except ValueError as e:
+            raise AssertionError(f"{context}: {path}: {e}") from e
+    for path in feeds.rglob("*.html"):
+        assert path.read_bytes().endswith(b"</html>\n"), (context, path)
+
+
+@pytest.mark.slow
+def test_kill_9_never_leaves_a_broken_file(tmp_path: Path) -> None:
+    overrides = {"feeds": {"items": 10}}
+    config_file = write_config_file(tmp_path, **overrides)
+    config = load_config(config_file)
+    write_corpus(config, 2000)
+    command = [sys.executable, "-m", "feeder", "-c", str(config_file), "refresh"]
+
+    def run_to_completion() -> float:
+        started = time.monotonic()
+        done = subprocess.run(command, cwd=tmp_path, capture_output=True, timeout=120,
+                              check=False)
+        assert done.returncode == 0, done.stderr.decode()
+        return time.monotonic() - started
+
+    # One full run first: how long a cold run takes here, to spread the kills across one.
+    cold = run_to_completion()
+    assert_output_intact(config, "after a complete run")
+    rng = random.Random()
+    rounds = 5
+    killed_while_running = 0
+    for n in range(rounds):
+        # Every round rewrites every feed and page (a new base URL); every other round
+        # parses everything again too (no state), so that both stages get interrupted.
+        if n % 2 == 1:
+            shutil.rmtree(config.paths.state, ignore_errors=True)
+        site = {"base_url": f"http://round{n}.example.test"}
+        write_config_file(tmp_path, site=site, **overrides)
+        delay = cold * (0.05 + 0.85 * (n + rng.random()) / rounds)
+        process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(delay)
+            if process.poll() is None:
+                killed_while_running += 1
+            process.send_signal(signal.SIGKILL)
+        finally:
+            process.wait(timeout=30)
+        assert_output_intact(config, f"after kill -9 at {delay:.2f}s (round {n})")
+    assert killed_while_running > 0
+
+    run_to_completion()  # picks up where the last killed run stopped
+    assert_output_intact(config, "after the final run")
+    entries = feed(config, "all").entries
+    assert len(entries) == 10
+    assert all(e.link.startswith(f"http://round{rounds - 1}.example.test/") for e in entries)
+    pages = list((config.paths.feeds / "articles").glob("*.html"))
+    assert len(pages) == 2000
+    final_links = f"http://round{rounds - 1}.example.test/feeds/categories/".encode()
+    assert all(final_links in page.read_bytes() for page in pages)
+    assert len(list((config.paths.feeds / "categories").iterdir())) == 27
+    opml = ElementTree.parse(config.paths.feeds / "index.opml").getroot()
+    assert len(opml.findall("body/outline")) == 28
