@@ -1,0 +1,160 @@
+"""Measurements that run in a child process of their own: ``python -m bench.child CMD JSON``.
+
+Each prints one JSON object on its last stdout line. A child's peak RSS (``VmHWM``)
+is its own, so memory figures are not blurred by the runner or by other figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (VmHWM), in MB."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def walk(root: str) -> list[os.DirEntry[str]]:
+    """Every file under ``root``: os.scandir, recursively."""
+    files, stack = [], [root]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                else:
+                    files.append(entry)
+    return files
+
+
+def floor_stat(root: str) -> float:
+    """Seconds to list the tree and stat every file: the least a rescan can do."""
+    started = time.perf_counter()
+    total = sum(entry.stat().st_size for entry in walk(root))
+    assert total > 0
+    return time.perf_counter() - started
+
+
+def floor_parse(root: str) -> float:
+    """Seconds to read every file and load its front matter with PyYAML's C loader."""
+    started = time.perf_counter()
+    for entry in walk(root):
+        with open(entry.path, "rb") as f:
+            text = f.read().decode("utf-8")
+        front = text.split("---", 2)[1]
+        meta = yaml.load(front, Loader=yaml.CSafeLoader)
+        assert isinstance(meta, dict)
+    return time.perf_counter() - started
+
+
+def refresh_config(work: Path, **images: Any) -> Any:
+    from feeder.config import config_from_dict
+
+    raw = {
+        "paths": {"sources": "sources", "feeds": "feeds", "cache": "cache", "state": "state"},
+        "site": {"base_url": "http://127.0.0.1:8080", "title": "bench"},
+        "schedule": {"interval": 3600},
+        "images": images or {"allowed_hosts": ["none.invalid"]},
+    }
+    return config_from_dict(raw, work)
+
+
+async def refresh_suite(args: dict[str, Any]) -> dict[str, Any]:
+    """Cold refresh (empty state), no-op refresh, one-change refresh, and their floors."""
+    from bench.corpus import article_path, edit
+    from feeder.refresh import open_refresher
+
+    work = Path(args["work"])
+    for name in ("state", "feeds", "cache"):
+        shutil.rmtree(work / name, ignore_errors=True)
+    config = refresh_config(work)
+    sources = str(config.paths.sources)
+    out: dict[str, Any] = {"rss_before_mb": peak_rss_mb()}
+    out["floor_parse"] = floor_parse(sources)
+    with open_refresher(config) as refresher:
+        started = time.perf_counter()
+        cold = await refresher.refresh()
+        out["cold"] = time.perf_counter() - started
+        out["cold_rss_mb"] = peak_rss_mb()
+        out["articles"] = cold.articles
+        out["failed"] = cold.failed
+        out["floor_stat"] = floor_stat(sources)
+        started = time.perf_counter()
+        noop = await refresher.refresh()
+        out["noop"] = time.perf_counter() - started
+        out["noop_changed"] = noop.changed
+        edit(article_path(config.paths.sources, args["n"] // 2))
+        started = time.perf_counter()
+        one = await refresher.refresh()
+        out["one_change"] = time.perf_counter() - started
+        out["one_change_changed"] = one.changed
+        out["one_change_written"] = one.written
+    return out
+
+
+async def images(args: dict[str, Any]) -> dict[str, Any]:
+    """feeder.images.fetch_images of ``count`` URLs from the mirror, into an empty cache."""
+    from feeder.images import CachedImage, fetch_images
+
+    work = Path(args["work"])
+    cache = work / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    config = refresh_config(
+        work, origins={"https://img.cls.cn": args["mirror"]},
+        concurrency=args["concurrency"], per_host=args["concurrency"],
+        max_bytes=16 * 1024 * 1024, deadline=600, timeout=120, attempts=1,
+    ).images
+    urls = [f"https://img.cls.cn/images/b/{i:06d}.png" for i in range(args["count"])]
+    before = peak_rss_mb()
+    started = time.perf_counter()
+    results = await fetch_images(urls, config, cache)
+    seconds = time.perf_counter() - started
+    ok = sum(isinstance(r, CachedImage) for r in results)
+    errors = sorted({r.error for r in results if not isinstance(r, CachedImage)})[:3]
+    shutil.rmtree(cache, ignore_errors=True)
+    return {"seconds": seconds, "fetched": ok, "errors": errors,
+            "rss_before_mb": before, "rss_mb": peak_rss_mb()}
+
+
+async def bare_images(args: dict[str, Any]) -> dict[str, Any]:
+    """The same requests with a plain aiohttp session, bodies read and dropped: no disk."""
+    import aiohttp
+
+    sem = asyncio.Semaphore(args["concurrency"])
+    connector = aiohttp.TCPConnector(limit=args["concurrency"])
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one(i: int) -> int:
+            async with sem, session.get(f"{args['mirror']}/images/b/{i:06d}.png") as r:
+                return len(await r.read())
+
+        started = time.perf_counter()
+        sizes = await asyncio.gather(*(one(i) for i in range(args["count"])))
+        seconds = time.perf_counter() - started
+    return {"seconds": seconds, "fetched": sum(1 for s in sizes if s)}
+
+
+COMMANDS = {"refresh": refresh_suite, "images": images, "bare-images": bare_images}
+
+
+def main() -> None:
+    command, raw = sys.argv[1], sys.argv[2]
+    result = asyncio.run(COMMANDS[command](json.loads(raw)))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
