@@ -22,7 +22,7 @@ from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from feeder.config import Config
-from feeder.exceptions import FeederError, RefreshAbandoned
+from feeder.exceptions import FeederError, LockedError, RefreshAbandoned
 from feeder.refresh import Refresher, RefreshLock, RefreshSummary, open_refresher
 from feeder.web import make_app
 
@@ -35,6 +35,8 @@ _WATCH_STEP_MS = 200
 _WATCH_DEBOUNCE_MS = 1000
 #: Seconds a shutdown waits for an abandoned refresh to stop.
 _STOP_TIMEOUT = 3.0
+#: Seconds between two tries of a lock another process holds.
+_LOCK_POLL_SECONDS = 0.2
 _DAEMON_KEY = web.AppKey("daemon", "Daemon")
 
 
@@ -153,7 +155,7 @@ class Daemon:
     async def _run_refresh(self, future: asyncio.Future[RefreshSummary]) -> None:
         self.monitor.refreshing = True
         try:
-            await asyncio.to_thread(self._lock.acquire)
+            await self._acquire_lock()
             try:
                 summary = await self.refresher.refresh()
             finally:
@@ -166,11 +168,23 @@ class Daemon:
             self.monitor.record(RefreshRecord(datetime.now(UTC), None, f"{e}"))
             future.set_exception(FeederError(f"refresh failed: {e}"))
             return
+        except asyncio.CancelledError:  # a shutdown: waiting clients still get an answer
+            future.set_exception(RefreshAbandoned("daemon stopped"))
+            raise
         finally:
             self.monitor.refreshing = False
         log.info("refresh: %s", summary.line())
         self.monitor.record(RefreshRecord(datetime.now(UTC), summary))
         future.set_result(summary)
+
+    async def _acquire_lock(self) -> None:
+        """Wait for the refresh lock without parking a thread in flock(): cancellable."""
+        while True:
+            try:
+                self._lock.acquire(wait=False)
+                return
+            except LockedError:
+                await asyncio.sleep(_LOCK_POLL_SECONDS)
 
     async def _scheduled_refresh(self) -> None:
         with contextlib.suppress(FeederError):
@@ -267,12 +281,14 @@ async def run_daemon(config: Config) -> None:
                      config.site.base_url)
             await stop.wait()
             log.info("stopping")
+            # Stop the refresh first: a scheduled job waiting for it then ends on its
+            # own, instead of being cancelled (and logged as an error) by the scheduler.
+            await daemon.stop()
             scheduler.shutdown(wait=False)
             if watch is not None:
                 watch.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watch
-            await daemon.stop()
 
 
 @contextlib.asynccontextmanager
