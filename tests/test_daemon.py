@@ -728,9 +728,6 @@ async def test_sigterm_while_images_download_and_a_refresh_command_waits(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="daemon.py: a refresh waiting for the lock blocks a "
-                   "worker thread in flock(); cancelling it leaves the thread blocked and "
-                   "asyncio.run() waits for that thread at exit, as long as the lock is held")
 async def test_sigterm_while_the_refresh_waits_for_the_lock(start_daemon: StartDaemon,
                                                             tmp_path: Path):
     """Another process (`feeder gc`, an in-process refresh) holds the lock at SIGTERM."""
