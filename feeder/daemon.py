@@ -208,6 +208,8 @@ class Daemon:
                 await asyncio.wait_for(asyncio.shield(self._running), _STOP_TIMEOUT)
             if not self._running.done():
                 self._running.cancel()
+                # Let it resolve its future, so waiting jobs end before the scheduler stops.
+                await asyncio.gather(self._running, return_exceptions=True)
         if self._next is not None and not self._next.done():
             self._next.set_exception(RefreshAbandoned("daemon stopped"))
 
