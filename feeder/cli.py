@@ -102,7 +102,7 @@ def refresh(loader: _ConfigLoader) -> None:
     with _known_errors():
         answer = asyncio.run(ask_daemon(config, "POST", "/refresh"))
         if answer is not None:
-            summary = RefreshSummary(**_summary_fields(answer["summary"]))
+            summary = RefreshSummary.from_dict(answer["summary"])
             click.echo(f"daemon: {summary.line()}")
             return
         summary = _refresh_here(config)
@@ -192,7 +192,7 @@ def _print_status(store: Store) -> None:
     if not refreshes:
         click.echo("never refreshed")
     for r in refreshes:
-        click.echo(f"refresh {r['finished']}: {RefreshSummary(**_summary_fields(r)).line()}")
+        click.echo(f"refresh {r['finished']}: {RefreshSummary.from_dict(r).line()}")
     click.echo(f"{store.count_articles()} articles in {len(store.categories())} categories")
     for path, error, warnings in store.source_problems():
         if error:
@@ -203,12 +203,6 @@ def _print_status(store: Store) -> None:
         when = f"{image.next_attempt:%Y-%m-%d %H:%M:%S}Z"
         click.echo(f"failing image {image.url}: {image.error} "
                    f"({image.failures} failures, next attempt {when})")
-
-
-def _summary_fields(record: dict[str, object]) -> dict[str, object]:
-    fields = RefreshSummary.__dataclass_fields__
-    return {k: tuple(v) if k == "errors" else v  # type: ignore[call-overload]
-            for k, v in record.items() if k in fields}
 
 
 @cli.command()

@@ -31,6 +31,7 @@ from feeder.types import Article, CachedImageInfo
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NOT_SLUG = re.compile(r"[\W_]+")
 FEED_FILES = ("rss.xml", "atom.xml", "feed.json")
+CATEGORIES_FOLDER = "categories"
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,11 @@ class Links:
         return f"{self.base_url}/"
 
 
+def category_folder(slug: str) -> str:
+    """Where a category's feeds land under ``feeds/``."""
+    return f"{CATEGORIES_FOLDER}/{slug}"
+
+
 def article_page_path(article_id: str) -> str:
     """Where an article's page lands under ``feeds/``."""
     return f"articles/{article_id}.html"
@@ -100,7 +106,7 @@ def feed_infos(config: Config, slugs: Mapping[str, str]) -> list[FeedInfo]:
     """The feed of every article, then one per category, by category name."""
     site = config.site.title
     feeds = [FeedInfo(None, "all", site)]
-    feeds += [FeedInfo(c, f"categories/{slugs[c]}", f"{site}: {c}") for c in sorted(slugs)]
+    feeds += [FeedInfo(c, category_folder(slugs[c]), f"{site}: {c}") for c in sorted(slugs)]
     return feeds
 
 
@@ -126,28 +132,31 @@ def build_feed(feed: FeedInfo, articles: Sequence[Article],
     gen.updated(updated)
     gen.ttl(math.ceil(config.schedule.interval / 60))
     documents: dict[str, bytes] = {}
+    # Image URLs point at the cache: rewritten once here, used by every format.
+    bodies = [rewrite_image_urls(a.content, cached) for a in articles]
     # feedgen puts the last entry added first: add the oldest first.
-    for article in reversed(articles):
-        _add_entry(gen.add_entry(), article, images, cached, links)
+    for article, body in zip(reversed(articles), reversed(bodies), strict=True):
+        _add_entry(gen.add_entry(), article, body, images, links)
     for file in ("atom.xml", "rss.xml"):
         self_link = {"href": links.feed(feed.folder, file), "rel": "self"}
         # feedgen takes RSS's <link> from the last link given: the alternate goes last.
         gen.link([self_link, {"href": links.home(), "rel": "alternate"}], replace=True)
         documents[file] = gen.atom_str(pretty=True) if file == "atom.xml" else (
             gen.rss_str(pretty=True))
-    documents["feed.json"] = _json_feed(feed, articles, images, cached, links)
+    documents["feed.json"] = _json_feed(feed, articles, bodies, images, cached, links)
     return documents
 
 
-def _add_entry(entry: FeedEntry, article: Article, images: Mapping[str, CachedImageInfo],
-               cached: Mapping[str, str], links: Links) -> None:
-    entry.id(article_guid(article.path))
-    entry.guid(article_guid(article.path), permalink=False)
+def _add_entry(entry: FeedEntry, article: Article, body: str,
+               images: Mapping[str, CachedImageInfo], links: Links) -> None:
+    guid = article_guid(article.path)
+    entry.id(guid)
+    entry.guid(guid, permalink=False)
     entry.title(article.title)
     entry.link(href=links.item_link(article), rel="alternate")
     entry.published(article.published)
     entry.updated(article.last_change)
-    entry.content(rewrite_image_urls(article.content, cached), type="html")
+    entry.content(body, type="html")
     entry.description(article.summary, isSummary=True)
     if article.author:
         entry.author({"name": article.author})
@@ -159,17 +168,17 @@ def _add_entry(entry: FeedEntry, article: Article, images: Mapping[str, CachedIm
         entry.enclosure.set(links.image(head.name), head.size, head.mime)
 
 
-def _json_feed(feed: FeedInfo, articles: Sequence[Article],
+def _json_feed(feed: FeedInfo, articles: Sequence[Article], bodies: Sequence[str],
                images: Mapping[str, CachedImageInfo], cached: Mapping[str, str],
                links: Links) -> bytes:
     """JSON Feed 1.1 (https://jsonfeed.org/version/1.1)."""
     items = []
-    for article in articles:
+    for article, body in zip(articles, bodies, strict=True):
         item: dict[str, object] = {
             "id": article_guid(article.path),
             "url": links.item_link(article),
             "title": article.title,
-            "content_html": rewrite_image_urls(article.content, cached),
+            "content_html": body,
             "date_published": _rfc3339(article.published),
             "date_modified": _rfc3339(article.last_change),
         }
@@ -200,7 +209,7 @@ def build_article_page(article: Article, images: Mapping[str, CachedImageInfo],
     links = Links(config.site.base_url)
     esc = html.escape
     categories = ", ".join(
-        f'<a href="{esc(links.feed("categories/" + slugs[c], "rss.xml"))}">{esc(c)}</a>'
+        f'<a href="{esc(links.feed(category_folder(slugs[c]), "rss.xml"))}">{esc(c)}</a>'
         for c in article.categories if c in slugs
     )
     byline = " · ".join(filter(None, [

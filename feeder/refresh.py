@@ -15,17 +15,18 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from feeder import __version__
 from feeder.config import Config
 from feeder.exceptions import LockedError, RefreshAbandoned, SourceError
 from feeder.feeds import (
+    CATEGORIES_FOLDER,
     FEED_FILES,
     FeedInfo,
     article_page_path,
@@ -33,6 +34,7 @@ from feeder.feeds import (
     build_feed,
     build_index,
     build_opml,
+    category_folder,
     category_slugs,
     feed_infos,
 )
@@ -103,6 +105,14 @@ class RefreshSummary:
         data["errors"] = list(self.errors)
         return data
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RefreshSummary:
+        """The inverse of :meth:`to_dict`; keys it does not know are ignored."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["errors"] = tuple(values.get("errors", ()))
+        return cls(**values)
+
 
 @dataclass
 class _Changes:
@@ -167,11 +177,10 @@ class Refresher:
         files, changes = await asyncio.to_thread(self._update_sources, progress)
         fetched, failed = await self._update_images(changes, now, progress)
         written = await asyncio.to_thread(self._write_outputs, changes, progress)
-        problems = await asyncio.to_thread(self.store.source_problems)
         summary = RefreshSummary(
             scanned=len(files),
             changed=changes.count,
-            failed=sum(1 for _, error, _ in problems if error),
+            failed=await asyncio.to_thread(self.store.count_refused_sources),
             articles=await asyncio.to_thread(self.store.count_articles),
             written=written,
             images_fetched=fetched,
@@ -326,10 +335,10 @@ class Refresher:
             page = build_article_page(article, images, slugs, self.config)
             written += self.output.write(article_page_path(article.id), page)
             progress.advance("write")
-        wanted = {f.folder.removeprefix("categories/") for f in feeds if f.category}
-        for folder in self.output.list_folder("categories"):
-            if folder not in wanted:
-                written += self.output.remove(f"categories/{folder}")
+        wanted = set(slugs.values())
+        for slug in self.output.list_folder(CATEGORIES_FOLDER):
+            if slug not in wanted:
+                written += self.output.remove(category_folder(slug))
         written += self.output.write("index.opml", build_opml(feeds, self.config))
         written += self.output.write("index.html", build_index(feeds, counts, self.config))
         if everything or pending:
@@ -354,15 +363,18 @@ class Refresher:
     def _parse_fingerprint(self) -> str:
         """What, besides a file's bytes, its parsed article depends on."""
         c = self.config
-        inputs = [__version__, c.site.timezone, c.feeds.default_category, c.sources.max_bytes]
-        return hashlib.sha1(json.dumps(inputs, ensure_ascii=False).encode()).hexdigest()
+        return _digest([__version__, c.site.timezone, c.feeds.default_category,
+                        c.sources.max_bytes])
 
     def _fingerprint(self) -> str:
         """What, besides articles and images, the output depends on."""
         c = self.config
-        inputs = [__version__, c.site.base_url, c.site.title, c.schedule.interval,
-                  c.feeds.items, c.feeds.slugs, str(c.paths.feeds)]
-        return hashlib.sha1(json.dumps(inputs, ensure_ascii=False).encode()).hexdigest()
+        return _digest([__version__, c.site.base_url, c.site.title, c.schedule.interval,
+                        c.feeds.items, c.feeds.slugs, str(c.paths.feeds)])
+
+
+def _digest(inputs: list[object]) -> str:
+    return hashlib.sha1(json.dumps(inputs, ensure_ascii=False).encode()).hexdigest()
 
 
 def _reason(error: SourceError) -> str:

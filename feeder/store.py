@@ -224,6 +224,11 @@ class Store:
     def count_articles(self) -> int:
         return self._db.execute("SELECT count(*) FROM articles").fetchone()[0]
 
+    def count_refused_sources(self) -> int:
+        return self._db.execute(
+            "SELECT count(*) FROM sources WHERE error IS NOT NULL"
+        ).fetchone()[0]
+
     def source_problems(self) -> list[tuple[str, str | None, list[str]]]:
         """``(path, error, warnings)`` of every source refused or warned about."""
         rows = self._db.execute(
