@@ -18,7 +18,7 @@ import os
 import random
 import secrets
 import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -101,18 +101,10 @@ def extract_image_urls(html: str) -> list[str]:
     if root is None:
         return []
     found: dict[str, None] = {}
-    for element in root.iter("img", "source"):
-        for attribute in _image_attributes(element):
-            value = element.get(attribute)
-            if value is None:
-                continue
-            if attribute in SRCSET_ATTRIBUTES:
-                urls = [url for url, _ in _parse_srcset(value)]
-            else:
-                urls = [value.strip()]
-            for url in urls:
-                if _is_absolute_http(url):
-                    found.setdefault(url, None)
+    for _, _, candidates in _image_references(root):
+        for url, _ in candidates:
+            if _is_absolute_http(url):
+                found.setdefault(url, None)
     return list(found)
 
 
@@ -130,31 +122,39 @@ def rewrite_image_urls(html: str, mapping: Mapping[str, str]) -> str:
     if root is None:
         return html
     changed = False
-    for element in root.iter("img", "source"):
-        for attribute in _image_attributes(element):
-            value = element.get(attribute)
-            if value is None:
-                continue
-            if attribute in SRCSET_ATTRIBUTES:
-                candidates = _parse_srcset(value)
-                if not any(url in mapping for url, _ in candidates):
-                    continue
-                new = ", ".join(
-                    f"{mapping.get(url, url)} {descriptor}".rstrip()
-                    for url, descriptor in candidates
-                )
-            else:
-                if value.strip() not in mapping:
-                    continue
-                new = mapping[value.strip()]
-            element.set(attribute, new)
-            changed = True
+    for element, attribute, candidates in _image_references(root):
+        if not any(url in mapping for url, _ in candidates):
+            continue
+        # A plain attribute is one candidate with no descriptor: the URL alone.
+        element.set(attribute, ", ".join(
+            f"{mapping.get(url, url)} {descriptor}".rstrip() for url, descriptor in candidates
+        ))
+        changed = True
     if not changed:
         return html
     out = _serialize(root)
     # The parser drops leading whitespace; the wrapper <div> is ours, not the source's.
     leading = html[: len(html) - len(html.lstrip())]
     return leading + out[len("<div>") : -len("</div>")]
+
+
+def _image_references(
+    root: lxml.html.HtmlElement,
+) -> Iterator[tuple[lxml.html.HtmlElement, str, list[tuple[str, str]]]]:
+    """Each image attribute under ``root`` with its ``(url, descriptor)`` candidates.
+
+    A ``srcset`` gives one candidate per entry; ``src`` and the lazy-load attributes
+    give one candidate, the URL, with an empty descriptor.
+    """
+    for element in root.iter("img", "source"):
+        for attribute in _image_attributes(element):
+            value = element.get(attribute)
+            if value is None:
+                continue
+            if attribute in SRCSET_ATTRIBUTES:
+                yield element, attribute, _parse_srcset(value)
+            else:
+                yield element, attribute, [(value.strip(), "")]
 
 
 def _parse_fragment(html: str) -> lxml.html.HtmlElement | None:
