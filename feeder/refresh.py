@@ -177,34 +177,49 @@ class Refresher:
         files, changes = await asyncio.to_thread(self._update_sources, progress)
         fetched, failed = await self._update_images(changes, now, progress)
         written = await asyncio.to_thread(self._write_outputs, changes, progress)
+        last = await asyncio.to_thread(self._tally, changes.any or fetched > 0 or failed > 0)
         summary = RefreshSummary(
             scanned=len(files),
             changed=changes.count,
-            failed=await asyncio.to_thread(self.store.count_refused_sources),
-            articles=await asyncio.to_thread(self.store.count_articles),
+            failed=last.failed,
+            articles=last.articles,
             written=written,
             images_fetched=fetched,
             images_failed=failed,
-            images_pending=await asyncio.to_thread(self.store.count_pending_images),
+            images_pending=last.images_pending,
             seconds=round(time.perf_counter() - started, 3),
             errors=tuple(changes.errors),
         )
         await asyncio.to_thread(self.store.log_refresh, now, datetime.now(UTC), summary.to_dict())
         return summary
 
+    def _tally(self, changed: bool) -> RefreshSummary:
+        """The refused sources, articles and pending images, counted in the store.
+
+        If this refresh changed nothing, the last refresh's figures still hold (whichever
+        process made it), and counting 10,000 articles again is what a no-op must avoid.
+        """
+        last = self.store.last_refreshes(1)
+        if last and not changed:
+            return RefreshSummary.from_dict(last[0])
+        return RefreshSummary(
+            failed=self.store.count_refused_sources(),
+            articles=self.store.count_articles(),
+            images_pending=self.store.count_pending_images(),
+        )
+
     # -- sources ----------------------------------------------------------------------
 
     def _update_sources(self, progress: Progress) -> tuple[list[SourceFile], _Changes]:
         root = self.config.paths.sources
         files = list(scan_sources(root))
-        known = self.store.source_states()
+        known = self.store.source_stats()
         parse_settings = self._parse_fingerprint()
-        if self.store.get_meta(_PARSE_SETTINGS) != parse_settings:
-            # Settings that change how a file parses: every source is parsed again.
-            known = {p: SourceState(-1, -1, "") for p in known}
-        changes = _Changes()
-        changed = [f for f in files if _stat_changed(known.get(f.path), f)]
+        reparse = self.store.get_meta(_PARSE_SETTINGS) != parse_settings
+        # Settings that change how a file parses: every source is parsed again.
+        changed = [f for f in files if reparse or known.get(f.path) != (f.size, f.mtime_ns)]
         removed = known.keys() - {f.path for f in files}
+        changes = _Changes()
         progress.start("parse", len(changed))
         with self.store.transaction():
             if removed:
@@ -215,7 +230,9 @@ class Refresher:
             for file in changed:
                 if self._abandon.is_set():
                     break  # commit what is parsed; the rest waits for the next refresh
-                self._update_source(root, file, known.get(file.path), changes)
+                # A new source has no stored state to look up.
+                state = self.store.source_state(file.path) if file.path in known else None
+                self._update_source(root, file, state, changes, reparse)
                 progress.advance("parse")
             self._save_pending(changes)
             if not self._abandon.is_set():
@@ -224,7 +241,7 @@ class Refresher:
         return files, changes
 
     def _update_source(self, root: Path, file: SourceFile, known: SourceState | None,
-                       changes: _Changes) -> None:
+                       changes: _Changes, reparse: bool) -> None:
         """Re-read one file whose stat changed; re-parse it if its content did."""
         article: Article | None = None
         error: str | None = None
@@ -235,7 +252,7 @@ class Refresher:
             changes.errors.append(str(e))
             log.warning("%s", e)
         digest = content_hash(data) if error is None else f"error:{file.size}:{file.mtime_ns}"
-        if known is not None and known.hash == digest:
+        if known is not None and known.hash == digest and not reparse:
             self.store.touch_source(file.path, file.size, file.mtime_ns)
             return
         if error is None:
@@ -380,10 +397,6 @@ def _digest(inputs: list[object]) -> str:
 def _reason(error: SourceError) -> str:
     """The reason to store for a refused source, with its line when known."""
     return error.reason if error.line is None else f"line {error.line}: {error.reason}"
-
-
-def _stat_changed(known: SourceState | None, file: SourceFile) -> bool:
-    return known is None or (known.size, known.mtime_ns) != (file.size, file.mtime_ns)
 
 
 def _read_source(path: Path, max_bytes: int, name: str) -> bytes:

@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -191,12 +192,25 @@ async def test_second_refresh_with_no_change_writes_nothing(config: Config) -> N
     write_source(config, "cls-seed.md", SEED_TEXT)
     write_source(config, "a.md", dated("A1", 1, ["A", "深度"]))
     write_source(config, "bad.md", b"")
-    await refresh(config)
+    first = await refresh(config)
     before = snapshot(config.paths.feeds)
     summary = await refresh(config)
     assert summary.written == 0
     assert summary.changed == 0
     assert snapshot(config.paths.feeds) == before
+    figures = ("failed", "articles", "images_pending")
+    assert [getattr(summary, f) for f in figures] == [getattr(first, f) for f in figures]
+
+
+async def test_no_op_refresh_reports_what_another_process_published(config: Config) -> None:
+    write_source(config, "a.md", dated("A1", 1))
+    with open_refresher(config) as daemon:
+        await daemon.refresh()
+        write_source(config, "b.md", dated("B1", 2))
+        write_source(config, "bad.md", b"")
+        assert (await refresh(config)).articles == 2  # e.g. `feeder refresh` with no daemon
+        summary = await daemon.refresh()
+    assert (summary.changed, summary.articles, summary.failed) == (0, 2, 1)
 
 
 async def test_editing_one_article_rewrites_only_its_feeds(config: Config) -> None:
@@ -410,6 +424,17 @@ async def test_unreachable_images_wait_for_their_retry(config: Config) -> None:
     second = await refresh(config)
     assert second.images_failed == 0  # not due yet
     assert second.images_pending == first.images_pending
+
+
+async def test_state_from_version_1_still_fetches_every_image(config: Config) -> None:
+    """Version 2 keeps a row per referenced image; opening a version 1 database adds them."""
+    write_source(config, "cls-seed.md", SEED_TEXT)
+    first = await refresh(config)
+    with sqlite3.connect(config.database) as db:  # as version 1 left it: no image tried
+        db.execute("DELETE FROM images")
+        db.execute("PRAGMA user_version = 1")
+    summary = await refresh(config)
+    assert summary.images_failed == first.images_failed  # all due at once, tried again
 
 
 
