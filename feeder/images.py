@@ -4,8 +4,8 @@ Only URLs found in sources are fetched, and only from allowed hosts; every redir
 hop is checked again, the body must be a raster image by its magic bytes, the size
 cap holds while streaming, and addresses that are not public are refused after DNS
 resolution unless the host is a configured mirror. A download is written to a
-dot-prefixed ``.part`` file and renamed only once complete, so a partial image
-never appears under its final name.
+dot-prefixed temp file and renamed only once complete, so a partial image never
+appears under its final name.
 """
 
 from __future__ import annotations
@@ -14,11 +14,9 @@ import asyncio
 import hashlib
 import ipaddress
 import logging
-import os
 import random
-import secrets
 import socket
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -38,6 +36,7 @@ from lxml import etree
 from feeder import __version__
 from feeder.config import ImagesConfig
 from feeder.exceptions import ImageError
+from feeder.output import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +54,11 @@ MAX_RETRY_DELAY: Final = timedelta(days=1)
 FIRST_RETRY_DELAY: Final = timedelta(minutes=1)
 #: Bytes read before the magic bytes are checked.
 SNIFF_BYTES: Final = 16
-#: Bytes read from the network per write to disk.
-CHUNK_BYTES: Final = 64 * 1024
+#: Bytes read from the network at a time.
+CHUNK_BYTES: Final = 16 * 1024
+#: An image up to this size is held in memory and written in one go; a larger one is
+#: streamed to disk. 64 downloads at once hold at most 16 MB.
+BUFFER_BYTES: Final = 256 * 1024
 
 _REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
 _SRCSET_SPACE: Final = " \t\n\r\f"
@@ -496,6 +498,7 @@ def _open_session(config: ImagesConfig, resolver: AbstractResolver) -> aiohttp.C
     return aiohttp.ClientSession(
         connector=connector,
         cookie_jar=aiohttp.DummyCookieJar(),
+        read_bufsize=CHUNK_BYTES,  # per connection: memory does not grow with image size
         headers={"User-Agent": f"feeder/{__version__}", "Accept": "image/*"},
         timeout=aiohttp.ClientTimeout(
             total=config.timeout, sock_connect=min(10.0, config.timeout)
@@ -621,10 +624,14 @@ def _status_error(url: str, response: aiohttp.ClientResponse) -> ImageError:
 async def _save(
     url: str, response: aiohttp.ClientResponse, max_bytes: int, cache_dir: Path
 ) -> CachedImage:
-    """Stream the body to a temp file, checking magic bytes and size, then rename it."""
-    too_large = f"larger than {max_bytes} bytes"
+    """Check the body's magic bytes and size as it streams in; cache it under its name.
+
+    A body up to ``BUFFER_BYTES`` (most images) is held in memory and written in one
+    go off the event loop; a larger one is streamed to a ``.part`` file. Either way
+    the file appears under its final name only once complete.
+    """
     if response.content_length is not None and response.content_length > max_bytes:
-        raise ImageError(url, too_large, permanent=True)
+        raise _too_large(url, max_bytes)
     head = b""
     while len(head) < SNIFF_BYTES:
         chunk = await response.content.read(SNIFF_BYTES - len(head))
@@ -636,21 +643,44 @@ async def _save(
         raise ImageError(url, _not_an_image(response, head), permanent=True)
     mime, extension = kind
     name = cache_name(url, extension)
-    part = cache_dir / f".{name}.{secrets.token_hex(6)}.part"
-    size = len(head)
+    chunks, size = [head], len(head)
+    body = response.content.iter_chunked(CHUNK_BYTES)
+    async for chunk in body:
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(url, max_bytes)
+        chunks.append(chunk)
+        if size > BUFFER_BYTES:
+            size = await _stream_to_cache(url, body, chunks, size, max_bytes, cache_dir / name)
+            break
+    else:
+        await asyncio.to_thread(write_atomically, cache_dir / name, chunks)
+    return CachedImage(url=url, name=name, size=size, mime=mime)
+
+
+async def _stream_to_cache(url: str, body: AsyncIterator[bytes], chunks: list[bytes],
+                           size: int, max_bytes: int, target: Path) -> int:
+    """Write ``chunks``, then the rest of ``body``, to a ``.part`` file; rename it. Its size."""
+    part = target.with_name(f".{target.name}.part")
     try:
-        async with aiofiles.open(part, "xb") as file:
-            await file.write(head)
-            async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+        async with aiofiles.open(part, "wb") as file:
+            await file.write(b"".join(chunks))
+            chunks.clear()
+            async for chunk in body:
                 size += len(chunk)
                 if size > max_bytes:
-                    raise ImageError(url, too_large, permanent=True)
+                    raise _too_large(url, max_bytes)
                 await file.write(chunk)
-        os.replace(part, cache_dir / name)
-    finally:
+        await aiofiles.os.replace(part, target)
+    except BaseException:
         # Synchronous on purpose: an await here could be cancelled and leave the file.
         part.unlink(missing_ok=True)
-    return CachedImage(url=url, name=name, size=size, mime=mime)
+        raise
+    return size
+
+
+def _too_large(url: str, max_bytes: int) -> ImageError:
+    return ImageError(url, f"larger than {max_bytes} bytes", permanent=True)
 
 
 def _not_an_image(response: aiohttp.ClientResponse, head: bytes) -> str:

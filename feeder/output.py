@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from feeder.exceptions import FeederError
+
+
+def write_atomically(target: Path, chunks: Iterable[bytes]) -> None:
+    """Write ``chunks`` to a dot-prefixed temp file beside ``target``, then rename it.
+
+    Readers, and whatever survives a kill, see the old file or the new one, whole.
+    One refresh runs at a time, so the temp file's name needs no random part; one
+    left by a killed refresh is overwritten by the next write of the same file.
+    """
+    temp = target.with_name(f".{target.name}.tmp")
+    try:
+        with open(temp, "wb") as f:
+            f.writelines(chunks)
+        os.replace(temp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
 
 
 class OutputFolder:
@@ -39,11 +59,11 @@ class OutputFolder:
                 return False
         except FileNotFoundError:
             pass
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temp = target.with_name(f".{target.name}.tmp")
-        with open(temp, "wb") as f:
-            f.write(data)
-        os.replace(temp, target)
+        try:
+            write_atomically(target, (data,))
+        except FileNotFoundError:  # the first file of a new folder
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(target, (data,))
         return True
 
     def exists(self, relative: str) -> bool:

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from feeder import __version__
 from feeder.config import ImagesConfig
 from feeder.images import (
+    BUFFER_BYTES,
     CachedImage,
     FailedImage,
     _is_public,
@@ -181,24 +182,27 @@ async def test_body_stalling_mid_download_times_out_and_leaves_no_file(server, c
 
 
 @pytest.mark.parametrize("serve", [image, chunked], ids=["content-length", "chunked"])
-async def test_body_over_max_bytes_is_refused(server, cache, serve):
-    server.route("/images/big.png", serve(png_of_size(300_000)))
-    config = config_for(server, max_bytes=100_000)
+@pytest.mark.parametrize("cap", [100_000, 2 * BUFFER_BYTES], ids=["in-memory", "streamed"])
+async def test_body_over_max_bytes_is_refused(server, cache, serve, cap):
+    server.route("/images/big.png", serve(png_of_size(3 * cap)))
+    config = config_for(server, max_bytes=cap)
     result = await fetch_one(f"{ORIGIN}/images/big.png", config, cache)
     assert result == FailedImage(
-        f"{ORIGIN}/images/big.png", "larger than 100000 bytes", True, None
+        f"{ORIGIN}/images/big.png", f"larger than {cap} bytes", True, None
     )
     assert server.requests["/images/big.png"] == 1
-    assert files(cache) == []
+    assert files(cache) == []  # no .part left either
 
 
-async def test_chunked_body_within_max_bytes_is_cached(server, cache):
-    body = png_of_size(200_000)
+@pytest.mark.parametrize("size", [200_000, 3 * BUFFER_BYTES], ids=["in-memory", "streamed"])
+async def test_chunked_body_within_max_bytes_is_cached(server, cache, size):
+    body = png_of_size(size)
     server.route("/images/big.png", chunked(body, chunk_size=7_000))
     result = await fetch_one(f"{ORIGIN}/images/big.png", config_for(server), cache)
     assert isinstance(result, CachedImage)
     assert result.size == len(body)
     assert (cache / result.name).read_bytes() == body
+    assert files(cache) == [result.name]
 
 
 async def test_html_page_with_status_200_is_not_an_image(server, cache):
@@ -414,7 +418,8 @@ async def test_deadline_defaults_to_config(server, cache):
 
 
 async def test_cancelled_download_leaves_no_file(server, cache):
-    server.route("/images/slow.png", hang(head=PNG))
+    # Past the size held in memory, so that the download is streamed to a .part file.
+    server.route("/images/slow.png", hang(head=PNG + bytes(BUFFER_BYTES + 1)))
     task = asyncio.create_task(
         fetch_images([f"{ORIGIN}/images/slow.png"], config_for(server, timeout=30.0), cache)
     )

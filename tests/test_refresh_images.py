@@ -18,6 +18,7 @@ from click.testing import CliRunner
 
 from feeder.cli import cli
 from feeder.config import Config, config_from_dict
+from feeder.images import BUFFER_BYTES
 from feeder.refresh import open_refresher
 from tests.imageserver import PNG, ImageServer, hang, image, status
 
@@ -173,7 +174,8 @@ async def test_an_image_shared_by_a_hundred_articles_is_fetched_once(tmp_path, s
 
 
 async def test_a_slow_origin_does_not_hold_feeds_back(tmp_path, server):
-    server.route("/images/20220330/c8Agbj08W6.png", hang(PNG[:16]))
+    # Past the size held in memory, so that the download is streamed to a .part file.
+    server.route("/images/20220330/c8Agbj08W6.png", hang(PNG + bytes(BUFFER_BYTES + 1)))
     config = load(write_config(tmp_path, server.url, deadline=0.5, timeout=30))
     seed(config)
     summary = await refresh(config)
@@ -186,7 +188,8 @@ async def test_a_slow_origin_does_not_hold_feeds_back(tmp_path, server):
 
 @pytest.mark.slow
 async def test_refresh_killed_mid_download_leaves_no_partial_image(tmp_path, server):
-    server.route("/images/20220330/c8Agbj08W6.png", hang(PNG[:16]))
+    # Past the size held in memory, so that the download is streamed to a .part file.
+    server.route("/images/20220330/c8Agbj08W6.png", hang(PNG + bytes(BUFFER_BYTES + 1)))
     config_file = write_config(tmp_path, server.url, timeout=60, deadline=60)
     config = load(config_file)
     seed(config)
