@@ -23,6 +23,7 @@ import nh3
 import yaml
 from frontmatter.default_handlers import YAMLHandler
 from markdown_it import MarkdownIt
+from markdown_it.common.html_blocks import block_names
 
 from feeder.config import Config
 from feeder.exceptions import SourceError
@@ -41,6 +42,8 @@ _ID_NAMESPACE = uuid.UUID("6f1d3c52-5d0e-4c1b-9a43-0a6f3e1f2b7e")
 _LINK_KEYS = ("link", "url", "permalink")
 #: Characters of body text kept as an item's summary.
 SUMMARY_CHARS = 280
+#: A line opening a CommonMark HTML block that runs to the next blank line (type 6).
+_HTML_BLOCK_START = re.compile(rf"</?(?:{'|'.join(block_names)})(?:[ \t>]|/>|$)", re.IGNORECASE)
 
 
 def scan_sources(root: Path) -> Iterator[SourceFile]:
@@ -171,9 +174,12 @@ class SourceParser:
         link = next((_url(meta[k]) for k in _LINK_KEYS if _url(meta.get(k))), None)
         headimg = _url(meta.get("headimg"))
         thumbnail = _url(meta.get("thumbnail"))
-        html = body if PurePosixPath(path).suffix.lower() in HTML_SUFFIXES else (
-            self._markdown.render(body)
-        )
+        if PurePosixPath(path).suffix.lower() in HTML_SUFFIXES:
+            html = body
+        else:
+            html = html_blocks_as_rendered(body)
+            if html is None:
+                html = self._markdown.render(body)
         # YAML escapes and HTML character references can produce them again.
         content = strip_xml_forbidden(self._cleaner.clean(html))
         images = [*extract_image_urls(content), headimg, thumbnail]
@@ -207,6 +213,27 @@ class SourceParser:
         if parsed is None:
             warnings.append(f"{key}: cannot read {value!r} as a date")
         return parsed
+
+
+def html_blocks_as_rendered(body: str) -> str | None:
+    """What CommonMark renders of a body made only of HTML blocks; None for any other body.
+
+    Most sources are HTML in a ``.md`` file (the seed is). When every run of lines
+    between blank lines opens with a block-level tag, each run is an HTML block that
+    CommonMark passes through untouched, and only the blank lines are dropped. This
+    spares the Markdown parser; a test holds it to markdown-it's output.
+    """
+    kept: list[str] = []
+    at_block_start = True
+    for line in body.split("\n"):
+        if not line.strip(" \t"):
+            at_block_start = True
+            continue
+        if at_block_start and not _HTML_BLOCK_START.match(line):
+            return None
+        at_block_start = False
+        kept.append(line)
+    return "\n".join(kept)
 
 
 def parse_date(value: Any, tz: tzinfo) -> datetime | None:

@@ -13,11 +13,12 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from markdown_it import MarkdownIt
 
 from feeder.config import Config
 from feeder.exceptions import SourceError
 from feeder.feeds import FeedInfo, build_feed
-from feeder.sources import SourceParser, parse_date, scan_sources
+from feeder.sources import SourceParser, html_blocks_as_rendered, parse_date, scan_sources
 from feeder.types import Article
 from tests.conftest import SEED_TEXT, make_config, write_source
 
@@ -500,3 +501,30 @@ def test_any_title_written_as_yaml_round_trips(
     article = parse(parser, text)
     assert article.title == " ".join(title.split())
     assert_feed_valid(article, config)
+
+
+# -- Markdown bodies made of HTML blocks ---------------------------------------------------
+
+#: Lines that open, continue or break HTML blocks, or are Markdown of their own.
+BODY_LINES = [
+    "<p>段落 *not emphasis*</p>", "<P CLASS=x>", "</div>", "<div>", "<hr/>", "<hr>",
+    "<details open>", "<table><tr><td>1</td></tr></table>", "<p>", "text *emph*",
+    "# heading", "    indented code", "  <p>indented two</p>", "<img src=x>", "<pre>",
+    "<!-- comment -->", "<span>inline</span>", "> quote", "- item", "1. item",
+    "[ref]: /url", "<p\u3000x>", "<pa>", "<p/>", "```", "", " ", "\t", " \t ",
+    "a &amp; b", "<p>trailing  ", "===", "---",
+]
+
+
+@given(st.lists(st.sampled_from(BODY_LINES), max_size=12))
+def test_html_block_bodies_render_as_markdown_it_does(lines: list[str]) -> None:
+    body = "\n".join(lines).strip()
+    fast = html_blocks_as_rendered(body)
+    if fast is not None:
+        assert fast == MarkdownIt("commonmark").render(body)
+
+
+def test_seed_body_skips_the_markdown_parser() -> None:
+    body = SEED_TEXT.split("---", 2)[2].strip()
+    assert html_blocks_as_rendered(body) == MarkdownIt("commonmark").render(body)
+    assert html_blocks_as_rendered("<p>a</p>\n\n*b*") is None  # Markdown: parsed as such
