@@ -149,14 +149,39 @@ def _image_references(
     give one candidate, the URL, with an empty descriptor.
     """
     for element in root.iter("img", "source"):
-        for attribute in _image_attributes(element):
+        for attribute in _image_attributes(element.tag):
             value = element.get(attribute)
-            if value is None:
-                continue
-            if attribute in SRCSET_ATTRIBUTES:
-                yield element, attribute, _parse_srcset(value)
-            else:
-                yield element, attribute, [(value.strip(), "")]
+            if value is not None:
+                yield element, attribute, _candidates(attribute, value)
+
+
+def _candidates(attribute: str, value: str) -> list[tuple[str, str]]:
+    if attribute in SRCSET_ATTRIBUTES:
+        return _parse_srcset(value)
+    return [(value.strip(), "")]
+
+
+class ImageCollector:
+    """An nh3 ``attribute_filter`` that notes the image URLs of the HTML being cleaned.
+
+    What :func:`extract_image_urls` finds, without parsing the cleaned HTML again.
+    One collector serves one clean at a time: :meth:`take` returns and forgets.
+    """
+
+    def __init__(self) -> None:
+        self._found: dict[str, None] = {}
+
+    def __call__(self, tag: str, attribute: str, value: str) -> str:
+        if tag in ("img", "source") and attribute in _image_attributes(tag):
+            for url, _ in _candidates(attribute, value):
+                if _is_absolute_http(url):
+                    self._found.setdefault(url, None)
+        return value
+
+    def take(self) -> list[str]:
+        found = list(self._found)
+        self._found.clear()
+        return found
 
 
 def _parse_fragment(html: str) -> lxml.html.HtmlElement | None:
@@ -200,8 +225,8 @@ def _serialize(root: lxml.html.HtmlElement) -> str:
     return out
 
 
-def _image_attributes(element: lxml.html.HtmlElement) -> tuple[str, ...]:
-    if element.tag == "source":
+def _image_attributes(tag: str) -> tuple[str, ...]:
+    if tag == "source":
         return SRCSET_ATTRIBUTES
     return URL_ATTRIBUTES + SRCSET_ATTRIBUTES
 

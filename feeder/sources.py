@@ -27,7 +27,7 @@ from markdown_it.common.html_blocks import block_names
 
 from feeder.config import Config
 from feeder.exceptions import SourceError
-from feeder.images import extract_image_urls
+from feeder.images import ImageCollector
 from feeder.types import Article, SourceFile
 
 #: File name suffixes read as articles; ``.html`` bodies are not Markdown.
@@ -99,7 +99,10 @@ class _CYAMLHandler(YAMLHandler):
 
 
 class SourceParser:
-    """Turns a source file's bytes into an :class:`Article`. Reusable, not thread-bound."""
+    """Turns a source file's bytes into an :class:`Article`.
+
+    Reusable from any thread, but by one at a time (its cleaner notes image URLs).
+    """
 
     def __init__(self, config: Config) -> None:
         self._max_bytes = config.sources.max_bytes
@@ -107,6 +110,7 @@ class SourceParser:
         self._default_category = config.feeds.default_category
         self._handler = _CYAMLHandler()
         self._markdown = MarkdownIt("commonmark")
+        self._images = ImageCollector()
         self._cleaner = nh3.Cleaner(
             attributes={
                 **nh3.ALLOWED_ATTRIBUTES,
@@ -119,6 +123,7 @@ class SourceParser:
             tags=nh3.ALLOWED_TAGS | {"picture", "source"},
             # img.cls.cn refuses hotlinks with a Referer; images not cached yet still load.
             set_tag_attribute_values={"img": {"referrerpolicy": "no-referrer"}},
+            attribute_filter=self._images,
         )
         self._text_only = nh3.Cleaner(tags=set(), clean_content_tags={"script", "style"})
 
@@ -182,7 +187,7 @@ class SourceParser:
                 html = self._markdown.render(body)
         # YAML escapes and HTML character references can produce them again.
         content = strip_xml_forbidden(self._cleaner.clean(html))
-        images = [*extract_image_urls(content), headimg, thumbnail]
+        images = [*map(strip_xml_forbidden, self._images.take()), headimg, thumbnail]
         return Article(
             path=path,
             id=article_id(path),

@@ -18,6 +18,7 @@ from markdown_it import MarkdownIt
 from feeder.config import Config
 from feeder.exceptions import SourceError
 from feeder.feeds import FeedInfo, build_feed
+from feeder.images import extract_image_urls
 from feeder.sources import SourceParser, html_blocks_as_rendered, parse_date, scan_sources
 from feeder.types import Article
 from tests.conftest import SEED_TEXT, make_config, write_source
@@ -528,3 +529,25 @@ def test_seed_body_skips_the_markdown_parser() -> None:
     body = SEED_TEXT.split("---", 2)[2].strip()
     assert html_blocks_as_rendered(body) == MarkdownIt("commonmark").render(body)
     assert html_blocks_as_rendered("<p>a</p>\n\n*b*") is None  # Markdown: parsed as such
+
+
+IMAGE_FRAGMENTS = [
+    '<img src="https://img.cls.cn/a.png">', "<img src=https://img.cls.cn/b.png alt=b>",
+    '<img data-src="https://img.cls.cn/lazy.png" src="data:image/gif;base64,R0lGOD">',
+    '<img srcset="https://img.cls.cn/1.png 1x, https://img.cls.cn/2.png 2x">',
+    '<picture><source srcset="https://img.cls.cn/s.webp" type="image/webp"></picture>',
+    '<img src="/relative.png">', '<img src="https://img.cls.cn/q.png?a=1&amp;b=2">',
+    '<img src="https://img.cls.cn/c&#1;d.png">', '<video><img src="https://x.test/v.png"></video>',
+    "<script><img src='https://img.cls.cn/no.png'></script>", "<p>text</p>",
+    '<img data-original="https://img.cls.cn/a.png">', "<img src=\"javascript:alert(1)\">",
+    '<a href="https://img.cls.cn/link.png">a link is not an image</a>',
+]
+
+
+@given(st.lists(st.sampled_from(IMAGE_FRAGMENTS), max_size=8))
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_images_noted_while_cleaning_are_those_in_the_content(config: Config,
+                                                               body: list[str]) -> None:
+    text = "---\ntitle: t\n---\n" + "\n".join(body)
+    article = SourceParser(config).parse("a.html", text.encode(), datetime.now(UTC))
+    assert list(article.images) == extract_image_urls(article.content)
