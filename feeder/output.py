@@ -42,10 +42,13 @@ class OutputFolder:
         A lexical check (no symlink resolution): feeder alone writes this folder, and
         the names it builds are slugs and hex ids. This runs for every file written.
         """
+        return Path(self._target(relative))
+
+    def _target(self, relative: str) -> str:
         target = os.path.normpath(os.path.join(self.root, relative))
         if not target.startswith(self._prefix):
             raise FeederError(f"refusing to write outside {self.root}: {relative!r}")
-        return Path(target)
+        return target
 
     def write(self, relative: str, data: bytes) -> bool:
         """Write ``data`` unless the file already holds exactly it; True if written.
@@ -67,7 +70,7 @@ class OutputFolder:
         return True
 
     def exists(self, relative: str) -> bool:
-        return self.path(relative).is_file()
+        return os.path.isfile(self._target(relative))
 
     def remove(self, relative: str) -> bool:
         """Delete a file or folder; True if something was there."""

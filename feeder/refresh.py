@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 _PENDING = "pending_build"
 #: Meta key of the settings the stored articles were parsed with.
 _PARSE_SETTINGS = "parse_settings"
+#: Files at the top of ``feeds/`` that list every feed.
+_INDEX_FILES = ("index.opml", "index.html")
 
 
 class Progress(Protocol):
@@ -174,12 +176,20 @@ class Refresher:
         self._abandon.clear()
         started = time.perf_counter()
         now = now or datetime.now(UTC)
-        files, changes = await asyncio.to_thread(self._update_sources, progress)
-        fetched, failed = await self._update_images(changes, now, progress)
-        written = await asyncio.to_thread(self._write_outputs, changes, progress)
-        last = await asyncio.to_thread(self._tally, changes.any or fetched > 0 or failed > 0)
+        # Each stage is one trip to a worker thread: a no-op refresh is a few ms in all.
+        files, changes, due = await asyncio.to_thread(self._update_sources, progress, now)
+        fetched, failed = await self._update_images(due, changes, now, progress)
+        return await asyncio.to_thread(
+            self._finish, len(files), changes, fetched, failed, progress, started, now
+        )
+
+    def _finish(self, scanned: int, changes: _Changes, fetched: int, failed: int,
+                progress: Progress, started: float, now: datetime) -> RefreshSummary:
+        """Write what changed, then sum up the refresh and log it."""
+        written = self._write_outputs(changes, progress)
+        last = self._tally(changes.any or fetched > 0 or failed > 0)
         summary = RefreshSummary(
-            scanned=len(files),
+            scanned=scanned,
             changed=changes.count,
             failed=last.failed,
             articles=last.articles,
@@ -190,7 +200,7 @@ class Refresher:
             seconds=round(time.perf_counter() - started, 3),
             errors=tuple(changes.errors),
         )
-        await asyncio.to_thread(self.store.log_refresh, now, datetime.now(UTC), summary.to_dict())
+        self.store.log_refresh(now, datetime.now(UTC), summary.to_dict())
         return summary
 
     def _tally(self, changed: bool) -> RefreshSummary:
@@ -210,7 +220,9 @@ class Refresher:
 
     # -- sources ----------------------------------------------------------------------
 
-    def _update_sources(self, progress: Progress) -> tuple[list[SourceFile], _Changes]:
+    def _update_sources(self, progress: Progress,
+                        now: datetime) -> tuple[list[SourceFile], _Changes, list[str]]:
+        """Scan, parse what changed; the files found, the changes, and the images due."""
         root = self.config.paths.sources
         files = list(scan_sources(root))
         known = self.store.source_stats()
@@ -238,7 +250,7 @@ class Refresher:
             if not self._abandon.is_set():
                 self.store.set_meta(_PARSE_SETTINGS, parse_settings)
         self._check_abandoned()
-        return files, changes
+        return files, changes, self.store.images_to_fetch(now)
 
     def _update_source(self, root: Path, file: SourceFile, known: SourceState | None,
                        changes: _Changes, reparse: bool) -> None:
@@ -279,10 +291,9 @@ class Refresher:
 
     # -- images -----------------------------------------------------------------------
 
-    async def _update_images(self, changes: _Changes, now: datetime,
+    async def _update_images(self, urls: list[str], changes: _Changes, now: datetime,
                              progress: Progress) -> tuple[int, int]:
         """Fetch due images; feeds showing a newly cached image are marked for rebuild."""
-        urls = await asyncio.to_thread(self.store.images_to_fetch, now)
         if not urls:
             return 0, 0
         progress.start("images", len(urls))
@@ -352,12 +363,13 @@ class Refresher:
             page = build_article_page(article, images, slugs, self.config)
             written += self.output.write(article_page_path(article.id), page)
             progress.advance("write")
-        wanted = set(slugs.values())
-        for slug in self.output.list_folder(CATEGORIES_FOLDER):
-            if slug not in wanted:
-                written += self.output.remove(category_folder(slug))
-        written += self.output.write("index.opml", build_opml(feeds, self.config))
-        written += self.output.write("index.html", build_index(feeds, counts, self.config))
+        if everything or changes.any or not all(map(self.output.exists, _INDEX_FILES)):
+            wanted = set(slugs.values())
+            for slug in self.output.list_folder(CATEGORIES_FOLDER):
+                if slug not in wanted:
+                    written += self.output.remove(category_folder(slug))
+            written += self.output.write("index.opml", build_opml(feeds, self.config))
+            written += self.output.write("index.html", build_index(feeds, counts, self.config))
         if everything or pending:
             with self.store.transaction():
                 self.store.set_meta("fingerprint", fingerprint)

@@ -34,6 +34,7 @@ from feeder.types import Article, SourceFile
 MARKDOWN_SUFFIXES = frozenset({".md", ".markdown"})
 HTML_SUFFIXES = frozenset({".html", ".htm"})
 SOURCE_SUFFIXES = MARKDOWN_SUFFIXES | HTML_SUFFIXES
+_SOURCE_ENDINGS = tuple(SOURCE_SUFFIXES)
 
 #: Characters XML 1.0 forbids (C0 controls but tab/LF/CR, surrogates, U+FFFE/U+FFFF).
 _XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
@@ -60,15 +61,14 @@ def scan_sources(root: Path) -> Iterator[SourceFile]:
             name = entry.name
             if name.startswith("."):
                 continue
-            rel = f"{prefix}/{name}" if prefix else name
             if entry.is_dir(follow_symlinks=False):
-                stack.append(rel)
-            elif os.path.splitext(name)[1].lower() in SOURCE_SUFFIXES:
+                stack.append(f"{prefix}{name}/")
+            elif name.lower().endswith(_SOURCE_ENDINGS):
                 try:
                     st = entry.stat()
                 except FileNotFoundError:  # deleted between listing and stat
                     continue
-                yield SourceFile(rel, st.st_size, st.st_mtime_ns)
+                yield SourceFile(prefix + name, st.st_size, st.st_mtime_ns)
 
 
 def content_hash(data: bytes) -> str:
