@@ -60,6 +60,22 @@ def floor_parse(root: str) -> float:
     return time.perf_counter() - started
 
 
+def floor_create(sizes: list[int], folder: Path) -> float:
+    """Seconds to create one new file per size (temp file, then rename), as pages are."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    os.sync()  # start from a quiet disk, as the cold refresh does
+    started = time.perf_counter()
+    for i, size in enumerate(sizes):
+        temp, final = folder / f".{i:08d}.html.tmp", folder / f"{i:08d}.html"
+        with open(temp, "wb") as f:
+            f.write(b"x" * size)
+        os.replace(temp, final)
+    seconds = time.perf_counter() - started
+    shutil.rmtree(folder, ignore_errors=True)
+    return seconds
+
+
 def refresh_config(work: Path, **images: Any) -> Any:
     from feeder.config import config_from_dict
 
@@ -80,6 +96,7 @@ async def refresh_suite(args: dict[str, Any]) -> dict[str, Any]:
     work = Path(args["work"])
     for name in ("state", "feeds", "cache"):
         shutil.rmtree(work / name, ignore_errors=True)
+    os.sync()  # the deletes' disk work is not charged to the cold refresh
     config = refresh_config(work)
     sources = str(config.paths.sources)
     out: dict[str, Any] = {"rss_before_mb": peak_rss_mb()}
@@ -91,6 +108,8 @@ async def refresh_suite(args: dict[str, Any]) -> dict[str, Any]:
         out["cold_rss_mb"] = peak_rss_mb()
         out["articles"] = cold.articles
         out["failed"] = cold.failed
+        pages = [e.stat().st_size for e in walk(str(config.paths.feeds / "articles"))]
+        out["floor_create"] = floor_create(pages, work / "create-floor")
         out["floor_stat"] = floor_stat(sources)
         started = time.perf_counter()
         noop = await refresher.refresh()
@@ -112,6 +131,7 @@ async def images(args: dict[str, Any]) -> dict[str, Any]:
     work = Path(args["work"])
     cache = work / "cache"
     shutil.rmtree(cache, ignore_errors=True)
+    os.sync()
     config = refresh_config(
         work, origins={"https://img.cls.cn": args["mirror"]},
         concurrency=args["concurrency"], per_host=args["concurrency"],
@@ -130,20 +150,40 @@ async def images(args: dict[str, Any]) -> dict[str, Any]:
 
 
 async def bare_images(args: dict[str, Any]) -> dict[str, Any]:
-    """The same requests with a plain aiohttp session, bodies read and dropped: no disk."""
+    """The same requests with a plain aiohttp session, bodies read and dropped: no disk.
+
+    With ``write``, each body is written to a new file in a thread instead, as
+    simply as an atomic writer can (temp file, then rename): what creating the
+    files costs this machine.
+    """
     import aiohttp
 
     sem = asyncio.Semaphore(args["concurrency"])
     connector = aiohttp.TCPConnector(limit=args["concurrency"])
+    folder = Path(args["work"]) / "bare-cache"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    os.sync()
+
+    def write(i: int, body: bytes) -> None:
+        temp = folder / f".{i:06d}.png.tmp"
+        with open(temp, "wb") as f:
+            f.write(body)
+        os.replace(temp, folder / f"{i:06d}.png")
+
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def one(i: int) -> int:
             async with sem, session.get(f"{args['mirror']}/images/b/{i:06d}.png") as r:
-                return len(await r.read())
+                body = await r.read()
+                if args.get("write"):
+                    await asyncio.to_thread(write, i, body)
+                return len(body)
 
         started = time.perf_counter()
         sizes = await asyncio.gather(*(one(i) for i in range(args["count"])))
         seconds = time.perf_counter() - started
+    shutil.rmtree(folder, ignore_errors=True)
     return {"seconds": seconds, "fetched": sum(1 for s in sizes if s)}
 
 
