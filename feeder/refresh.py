@@ -187,16 +187,16 @@ class Refresher:
                 progress: Progress, started: float, now: datetime) -> RefreshSummary:
         """Write what changed, then sum up the refresh and log it."""
         written = self._write_outputs(changes, progress)
-        last = self._tally(changes.any or fetched > 0 or failed > 0)
+        counts = self._tally(changes.any or fetched > 0 or failed > 0)
         summary = RefreshSummary(
             scanned=scanned,
             changed=changes.count,
-            failed=last.failed,
-            articles=last.articles,
+            failed=counts.failed,
+            articles=counts.articles,
             written=written,
             images_fetched=fetched,
             images_failed=failed,
-            images_pending=last.images_pending,
+            images_pending=counts.images_pending,
             seconds=round(time.perf_counter() - started, 3),
             errors=tuple(changes.errors),
         )
@@ -247,7 +247,7 @@ class Refresher:
                 self._update_source(root, file, state, changes, reparse)
                 progress.advance("parse")
             self._save_pending(changes)
-            if not self._abandon.is_set():
+            if reparse and not self._abandon.is_set():
                 self.store.set_meta(_PARSE_SETTINGS, parse_settings)
         self._check_abandoned()
         return files, changes, self.store.images_to_fetch(now)
