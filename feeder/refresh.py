@@ -41,7 +41,7 @@ from feeder.feeds import (
 from feeder.images import CachedImage, FailedImage, fetch_images, retry_delay
 from feeder.output import OutputFolder
 from feeder.sources import SourceParser, article_id, content_hash, scan_sources
-from feeder.store import SourceState, Store
+from feeder.store import Store
 from feeder.types import Article, CachedImageInfo, SourceFile
 
 log = logging.getLogger(__name__)
@@ -242,9 +242,9 @@ class Refresher:
             for file in changed:
                 if self._abandon.is_set():
                     break  # commit what is parsed; the rest waits for the next refresh
-                # A new source has no stored state to look up.
-                state = self.store.source_state(file.path) if file.path in known else None
-                self._update_source(root, file, state, changes, reparse)
+                # A new source has no stored hash to look up.
+                known_hash = self.store.source_hash(file.path) if file.path in known else None
+                self._update_source(root, file, known_hash, changes, reparse)
                 progress.advance("parse")
             self._save_pending(changes)
             if reparse and not self._abandon.is_set():
@@ -252,7 +252,7 @@ class Refresher:
         self._check_abandoned()
         return files, changes, self.store.images_to_fetch(now)
 
-    def _update_source(self, root: Path, file: SourceFile, known: SourceState | None,
+    def _update_source(self, root: Path, file: SourceFile, known_hash: str | None,
                        changes: _Changes, reparse: bool) -> None:
         """Re-read one file whose stat changed; re-parse it if its content did."""
         article: Article | None = None
@@ -264,8 +264,8 @@ class Refresher:
             changes.errors.append(str(e))
             log.warning("%s", e)
         digest = content_hash(data) if error is None else f"error:{file.size}:{file.mtime_ns}"
-        if known is not None and known.hash == digest and not reparse:
-            self.store.touch_source(file.path, file.size, file.mtime_ns)
+        if known_hash == digest and not reparse:
+            self.store.touch_source(file)
             return
         if error is None:
             mtime = datetime.fromtimestamp(file.mtime_ns / 1e9, UTC)
@@ -276,18 +276,16 @@ class Refresher:
                 changes.errors.append(str(e))
                 log.warning("%s", e)
         changes.count += 1
-        if known is not None:  # a new source has no old categories or page
+        if known_hash is not None:  # a new source has no old categories or page
             changes.categories |= self.store.categories_of([file.path])
         if article is not None:
             changes.categories |= set(article.categories)
             changes.pages.add(file.path)
             for warning in article.warnings:
                 log.warning("%s: warning: %s", file.path, warning)
-        elif known is not None and self.store.article(file.path):
+        elif known_hash is not None and self.store.article(file.path):
             changes.removed_pages.add(file.path)
-        state = SourceState(file.size, file.mtime_ns, digest)
-        self.store.put_source(file.path, state, article, error,
-                              article.warnings if article else ())
+        self.store.put_source(file, digest, article, error, article.warnings if article else ())
 
     # -- images -----------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from feeder.exceptions import StoreError
-from feeder.types import Article, CachedImageInfo
+from feeder.types import Article, CachedImageInfo, SourceFile
 
 _SCHEMA_VERSION = 2
 #: ``next_attempt`` of an image never tried: due at once.
@@ -75,18 +75,6 @@ _REFERENCED = "EXISTS (SELECT 1 FROM article_images r WHERE r.url = images.url)"
 _NEW_IMAGES = (
     "INSERT OR IGNORE INTO images (url, next_attempt) SELECT DISTINCT url, ? FROM article_images"
 )
-
-
-@dataclass(frozen=True)
-class SourceState:
-    """What the store remembers of a source file between scans."""
-
-    #: Size in bytes at the last read.
-    size: int
-    #: Modification time in nanoseconds at the last read.
-    mtime_ns: int
-    #: Content hash at the last read.
-    hash: str
 
 
 @dataclass(frozen=True)
@@ -154,26 +142,27 @@ class Store:
         rows = self._db.execute("SELECT path, size, mtime_ns FROM sources")
         return {path: (size, mtime) for path, size, mtime in rows}
 
-    def source_state(self, path: str) -> SourceState | None:
-        row = self._db.execute(
-            "SELECT size, mtime_ns, hash FROM sources WHERE path = ?", (path,)
-        ).fetchone()
-        return SourceState(*row) if row else None
+    def source_hash(self, path: str) -> str | None:
+        """The content hash of a known source when it was last read; None if unknown."""
+        row = self._db.execute("SELECT hash FROM sources WHERE path = ?", (path,)).fetchone()
+        return row[0] if row else None
 
-    def touch_source(self, path: str, size: int, mtime_ns: int) -> None:
+    def touch_source(self, file: SourceFile) -> None:
         """Remember new stat figures of a file whose content did not change."""
         self._db.execute(
-            "UPDATE sources SET size = ?, mtime_ns = ? WHERE path = ?", (size, mtime_ns, path)
+            "UPDATE sources SET size = ?, mtime_ns = ? WHERE path = ?",
+            (file.size, file.mtime_ns, file.path),
         )
 
-    def put_source(self, path: str, state: SourceState, article: Article | None,
+    def put_source(self, file: SourceFile, digest: str, article: Article | None,
                    error: str | None, warnings: Sequence[str] = ()) -> None:
-        """Record a parsed source: its article, or why it was refused."""
+        """Record a scanned source and its content hash: its article, or why it was refused."""
+        path = file.path
         self._db.execute("DELETE FROM articles WHERE path = ?", (path,))
         self._db.execute(
             "INSERT OR REPLACE INTO sources (path, size, mtime_ns, hash, error, warnings) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            (path, state.size, state.mtime_ns, state.hash, error,
+            (path, file.size, file.mtime_ns, digest, error,
              json.dumps(list(warnings), ensure_ascii=False)),
         )
         if article is None:
