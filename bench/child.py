@@ -64,6 +64,14 @@ def floor_parse(root: str) -> float:
     return time.perf_counter() - started
 
 
+def write_then_rename(path: Path, data: bytes) -> None:
+    """The simplest atomic write: a temp file beside ``path``, renamed onto it."""
+    temp = path.with_name(f".{path.name}.tmp")
+    with open(temp, "wb") as f:
+        f.write(data)
+    os.replace(temp, path)
+
+
 def floor_create(sizes: list[int], folder: Path) -> float:
     """Seconds to create one new file per size (temp file, then rename), as pages are."""
     shutil.rmtree(folder, ignore_errors=True)
@@ -71,10 +79,7 @@ def floor_create(sizes: list[int], folder: Path) -> float:
     os.sync()  # start from a quiet disk, as the cold refresh does
     started = time.perf_counter()
     for i, size in enumerate(sizes):
-        temp, final = folder / f".{i:08d}.html.tmp", folder / f"{i:08d}.html"
-        with open(temp, "wb") as f:
-            f.write(b"x" * size)
-        os.replace(temp, final)
+        write_then_rename(folder / f"{i:08d}.html", b"x" * size)
     seconds = time.perf_counter() - started
     shutil.rmtree(folder, ignore_errors=True)
     return seconds
@@ -177,19 +182,13 @@ async def bare_images(args: dict[str, Any]) -> dict[str, Any]:
     folder.mkdir(parents=True)
     os.sync()
 
-    def write(i: int, body: bytes) -> None:
-        temp = folder / f".{i:06d}.png.tmp"
-        with open(temp, "wb") as f:
-            f.write(body)
-        os.replace(temp, folder / f"{i:06d}.png")
-
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def one(i: int) -> int:
             async with sem, session.get(f"{args['mirror']}/images/b/{i:06d}.png") as r:
                 body = await r.read()
                 if args.get("write"):
-                    await asyncio.to_thread(write, i, body)
+                    await asyncio.to_thread(write_then_rename, folder / f"{i:06d}.png", body)
                 return len(body)
 
         started = time.perf_counter()
