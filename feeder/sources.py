@@ -43,6 +43,10 @@ _ID_NAMESPACE = uuid.UUID("6f1d3c52-5d0e-4c1b-9a43-0a6f3e1f2b7e")
 _LINK_KEYS = ("link", "url", "permalink")
 #: Characters of body text kept as an item's summary.
 SUMMARY_CHARS = 280
+#: Characters of HTML a summary is first looked for in; four times more until it holds enough.
+_SUMMARY_WINDOW = 4 * SUMMARY_CHARS
+#: Text this far before a window's cut is whole (not a cut word or character reference).
+_CUT_MARGIN = 64
 #: A line opening a CommonMark HTML block that runs to the next blank line (type 6).
 _HTML_BLOCK_START = re.compile(rf"</?(?:{'|'.join(block_names)})(?:[ \t>]|/>|$)", re.IGNORECASE)
 
@@ -207,7 +211,21 @@ class SourceParser:
         )
 
     def _summary(self, content: str) -> str:
-        text = " ".join(html.unescape(self._text_only.clean(content)).split())
+        """The opening of the body's text, at most :data:`SUMMARY_CHARS` characters.
+
+        Only a window at the start of the body is cleaned, grown until it holds
+        enough text: most bodies are many times longer than their summary. (Text a
+        table's markup moves ahead of the table from past the window is missed.)
+        """
+        window = _SUMMARY_WINDOW
+        while True:
+            text = " ".join(html.unescape(self._text_only.clean(content[:window])).split())
+            if window >= len(content):
+                break
+            if len(text) > SUMMARY_CHARS + _CUT_MARGIN:
+                text = text[: SUMMARY_CHARS + 1]  # still longer than a summary: cut below
+                break
+            window *= 4
         return text if len(text) <= SUMMARY_CHARS else text[: SUMMARY_CHARS - 1] + "…"
 
     def _date(self, value: Any, key: str, warnings: list[str]) -> datetime | None:

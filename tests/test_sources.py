@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +20,13 @@ from feeder.config import Config
 from feeder.exceptions import SourceError
 from feeder.feeds import FeedInfo, build_feed
 from feeder.images import extract_image_urls
-from feeder.sources import SourceParser, html_blocks_as_rendered, parse_date, scan_sources
+from feeder.sources import (
+    SUMMARY_CHARS,
+    SourceParser,
+    html_blocks_as_rendered,
+    parse_date,
+    scan_sources,
+)
 from feeder.types import Article
 from tests.conftest import SEED_TEXT, make_config, write_source
 
@@ -307,6 +314,24 @@ def test_xml_forbidden_character_references_are_removed(
     assert not _XML_FORBIDDEN.search(article.content)
     assert not _XML_FORBIDDEN.search(article.summary)
     assert_feed_valid(article, config)
+
+
+_SUMMARY_PIECES = ("财联社讯", "word", " ", "\n", "&amp;", "&lt;b&gt;", "&#x4e2d;",
+                   "<strong>bold</strong>", "</p><p>", "&CounterClockwiseContourIntegral;")
+
+
+@pytest.mark.parametrize("pieces", [60, 400], ids=["short-text", "long-text"])
+def test_summary_is_the_opening_of_the_body_text(parser: SourceParser, pieces: int) -> None:
+    # Only a window at the start of the body is cleaned for the summary: wherever its
+    # cut falls, what it finds must be what the whole body's text begins with.
+    rng = random.Random(pieces)
+    text_html = "".join(rng.choice(_SUMMARY_PIECES) for _ in range(pieces))
+    for markup in range(0, 5000, 7):
+        image = f'<img src="https://img.cls.cn/images/{"a" * markup}.png">'
+        article = parse(parser, front("title: t", f"<p>{image}{text_html}</p>"), "page.html")
+        text = normalized_text(article.content)
+        expected = text if len(text) <= SUMMARY_CHARS else text[: SUMMARY_CHARS - 1] + "…"
+        assert article.summary == expected, f"{markup} characters of markup first"
 
 
 def test_sanitizing(parser: SourceParser) -> None:
