@@ -46,7 +46,7 @@ class OutputFolder:
 
     def _target(self, relative: str) -> str:
         target = os.path.normpath(os.path.join(self.root, relative))
-        if not target.startswith(self._prefix):
+        if not target.startswith(self._prefix) and target != self._prefix[:-1]:
             raise FeederError(f"refusing to write outside {self.root}: {relative!r}")
         return target
 
@@ -69,8 +69,10 @@ class OutputFolder:
             write_atomically(target, (data,))
         return True
 
-    def exists(self, relative: str) -> bool:
-        return os.path.isfile(self._target(relative))
+    def has_files(self, folder: str, names: Iterable[str]) -> bool:
+        """Are all of ``names`` files in ``folder``? (A no-op refresh checks every feed.)"""
+        base = self._target(folder)
+        return all(os.path.isfile(os.path.join(base, name)) for name in names)
 
     def remove(self, relative: str) -> bool:
         """Delete a file or folder; True if something was there."""

@@ -177,10 +177,10 @@ class Refresher:
         started = time.perf_counter()
         now = now or datetime.now(UTC)
         # Each stage is one trip to a worker thread: a no-op refresh is a few ms in all.
-        files, changes, due = await asyncio.to_thread(self._update_sources, progress, now)
+        scanned, changes, due = await asyncio.to_thread(self._update_sources, progress, now)
         fetched, failed = await self._update_images(due, changes, now, progress)
         return await asyncio.to_thread(
-            self._finish, len(files), changes, fetched, failed, progress, started, now
+            self._finish, scanned, changes, fetched, failed, progress, started, now
         )
 
     def _finish(self, scanned: int, changes: _Changes, fetched: int, failed: int,
@@ -221,16 +221,17 @@ class Refresher:
     # -- sources ----------------------------------------------------------------------
 
     def _update_sources(self, progress: Progress,
-                        now: datetime) -> tuple[list[SourceFile], _Changes, list[str]]:
-        """Scan, parse what changed; the files found, the changes, and the images due."""
+                        now: datetime) -> tuple[int, _Changes, list[str]]:
+        """Scan, parse what changed; the number of files found, the changes, the images due."""
         root = self.config.paths.sources
-        files = list(scan_sources(root))
+        found = scan_sources(root)
         known = self.store.source_stats()
         parse_settings = self._parse_fingerprint()
         reparse = self.store.get_meta(_PARSE_SETTINGS) != parse_settings
         # Settings that change how a file parses: every source is parsed again.
-        changed = [f for f in files if reparse or known.get(f.path) != (f.size, f.mtime_ns)]
-        removed = known.keys() - {f.path for f in files}
+        changed = [SourceFile(path, *stat) for path, stat in found.items()
+                   if reparse or known.get(path) != stat]
+        removed = known.keys() - found.keys()
         changes = _Changes()
         progress.start("parse", len(changed))
         with self.store.transaction():
@@ -250,7 +251,7 @@ class Refresher:
             if reparse and not self._abandon.is_set():
                 self.store.set_meta(_PARSE_SETTINGS, parse_settings)
         self._check_abandoned()
-        return files, changes, self.store.images_to_fetch(now)
+        return len(found), changes, self.store.images_to_fetch(now)
 
     def _update_source(self, root: Path, file: SourceFile, known_hash: str | None,
                        changes: _Changes, reparse: bool) -> None:
@@ -361,7 +362,7 @@ class Refresher:
             page = build_article_page(article, images, slugs, self.config)
             written += self.output.write(article_page_path(article.id), page)
             progress.advance("write")
-        if everything or changes.any or not all(map(self.output.exists, _INDEX_FILES)):
+        if everything or changes.any or not self.output.has_files("", _INDEX_FILES):
             wanted = set(slugs.values())
             for slug in self.output.list_folder(CATEGORIES_FOLDER):
                 if slug not in wanted:
@@ -378,7 +379,7 @@ class Refresher:
         """Does ``feed`` need building: its content changed, or a file of it is missing?"""
         if (changes.any and feed.category is None) or feed.category in changes.categories:
             return True
-        return not all(self.output.exists(f"{feed.folder}/{name}") for name in FEED_FILES)
+        return not self.output.has_files(feed.folder, FEED_FILES)
 
     def _write_feed(self, feed: FeedInfo) -> int:
         articles = self.store.newest_articles(feed.category, self.config.feeds.items)

@@ -14,7 +14,6 @@ import html
 import os
 import re
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, date, datetime, time, tzinfo
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -28,7 +27,7 @@ from markdown_it.common.html_blocks import block_names
 from feeder.config import Config
 from feeder.exceptions import SourceError
 from feeder.images import ImageCollector
-from feeder.types import Article, SourceFile
+from feeder.types import Article, SourceStats
 
 #: File name suffixes read as articles; ``.html`` bodies are not Markdown.
 MARKDOWN_SUFFIXES = frozenset({".md", ".markdown"})
@@ -51,9 +50,13 @@ _CUT_MARGIN = 64
 _HTML_BLOCK_START = re.compile(rf"</?(?:{'|'.join(block_names)})(?:[ \t>]|/>|$)", re.IGNORECASE)
 
 
-def scan_sources(root: Path) -> Iterator[SourceFile]:
-    """Every article file under ``root`` (recursively), skipping dot-files and dot-folders."""
-    # Plain strings, not Path objects: this runs for every file on every refresh.
+def scan_sources(root: Path) -> SourceStats:
+    """``(size, mtime_ns)`` of every article file under ``root`` (recursively), by path.
+
+    Dot-files and dot-folders are skipped. Paths are relative to ``root``, with ``/``.
+    """
+    # Plain strings and tuples: this runs for every file on every refresh.
+    found: SourceStats = {}
     stack = [""]
     while stack:
         prefix = stack.pop()
@@ -72,7 +75,8 @@ def scan_sources(root: Path) -> Iterator[SourceFile]:
                     st = entry.stat()
                 except FileNotFoundError:  # deleted between listing and stat
                     continue
-                yield SourceFile(prefix + name, st.st_size, st.st_mtime_ns)
+                found[prefix + name] = (st.st_size, st.st_mtime_ns)
+    return found
 
 
 def content_hash(data: bytes) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from feeder.exceptions import StoreError
-from feeder.types import Article, CachedImageInfo, SourceFile
+from feeder.types import Article, CachedImageInfo, SourceFile, SourceStats
 
 _SCHEMA_VERSION = 2
 #: ``next_attempt`` of an image never tried: due at once.
@@ -137,7 +137,7 @@ class Store:
 
     # -- sources and articles ---------------------------------------------------------
 
-    def source_stats(self) -> dict[str, tuple[int, int]]:
+    def source_stats(self) -> SourceStats:
         """``(size, mtime_ns)`` of every known source: all a rescan compares."""
         rows = self._db.execute("SELECT path, size, mtime_ns FROM sources")
         return {path: (size, mtime) for path, size, mtime in rows}

@@ -59,6 +59,10 @@ class SourceFile:
     mtime_ns: int
 
 
+#: ``(size, mtime_ns)`` of source files by path: what a rescan compares.
+SourceStats = dict[str, tuple[int, int]]
+
+
 @dataclass(frozen=True)
 class CachedImageInfo:
     """A cached image as the feed builder needs it."""

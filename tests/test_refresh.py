@@ -20,7 +20,8 @@ import lxml.html
 import pytest
 
 from feeder.config import Config, load_config
-from feeder.exceptions import LockedError
+from feeder.exceptions import FeederError, LockedError
+from feeder.output import OutputFolder
 from feeder.refresh import RefreshSummary, lock, open_refresher
 from feeder.sources import article_id
 from tests.conftest import (
@@ -230,6 +231,29 @@ async def test_editing_one_article_rewrites_only_its_feeds(config: Config) -> No
                                   for name in FEED_FILES}
     for name in FEED_FILES:
         assert after[f"categories/B/{name}"] == before[f"categories/B/{name}"]
+
+
+async def test_a_deleted_feed_or_index_file_comes_back(config: Config) -> None:
+    write_source(config, "a.md", dated("A1", 1), mtime=T0)
+    await refresh(config)
+    before = snapshot(config.paths.feeds)
+    gone = ["categories/A/atom.xml", "all/feed.json", "index.opml", "index.html"]
+    for name in gone:
+        (config.paths.feeds / name).unlink()
+    summary = await refresh(config)
+    assert (summary.changed, summary.written) == (0, len(gone))
+    after = snapshot(config.paths.feeds)
+    assert {name: data for name, (_, data) in after.items()} == {
+        name: data for name, (_, data) in before.items()}
+    assert all(after[name] == before[name] for name in after.keys() - gone)  # untouched
+
+
+def test_output_folder_refuses_paths_outside_it(tmp_path: Path) -> None:
+    output = OutputFolder(tmp_path / "feeds")
+    for relative in ("../escaped.xml", "a/../../escaped.xml", "/tmp/escaped.xml"):
+        with pytest.raises(FeederError, match="outside"):
+            output.write(relative, b"x")
+    assert not list(tmp_path.rglob("escaped.xml"))
 
 
 async def test_touched_but_unchanged_file_is_not_reparsed(config: Config) -> None:
