@@ -462,7 +462,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="tiny corpus, one run: checks the runner works, not speed")
     parser.add_argument("--images", type=int, default=10_000, help="20 KB images fetched")
-    parser.add_argument("--big-images", type=int, default=500, help="2 MB images fetched")
+    parser.add_argument("--big-images", type=int, default=200,
+                        help="2 MB images fetched (default 200: more than the 64 in flight)")
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds per load test")
     parser.add_argument("--out", default=str(RESULTS), help="JSON results file")
     args = parser.parse_args(argv)
