@@ -46,7 +46,7 @@ class OutputFolder:
 
     def _target(self, relative: str) -> str:
         target = os.path.normpath(os.path.join(self.root, relative))
-        if not target.startswith(self._prefix) and target != self._prefix[:-1]:
+        if not target.startswith(self._prefix):
             raise FeederError(f"refusing to write outside {self.root}: {relative!r}")
         return target
 
@@ -70,8 +70,8 @@ class OutputFolder:
         return True
 
     def has_files(self, folder: str, names: Iterable[str]) -> bool:
-        """Are all of ``names`` files in ``folder``? (A no-op refresh checks every feed.)"""
-        base = self._target(folder)
+        """Are all of ``names`` files in ``folder`` ("" for the top)? Every no-op checks them."""
+        base = self._target(folder) if folder else self._prefix
         return all(os.path.isfile(os.path.join(base, name)) for name in names)
 
     def remove(self, relative: str) -> bool:

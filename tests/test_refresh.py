@@ -250,10 +250,15 @@ async def test_a_deleted_feed_or_index_file_comes_back(config: Config) -> None:
 
 def test_output_folder_refuses_paths_outside_it(tmp_path: Path) -> None:
     output = OutputFolder(tmp_path / "feeds")
+    output.write("kept.xml", b"x")
     for relative in ("../escaped.xml", "a/../../escaped.xml", "/tmp/escaped.xml"):
         with pytest.raises(FeederError, match="outside"):
             output.write(relative, b"x")
     assert not list(tmp_path.rglob("escaped.xml"))
+    for relative in ("", ".", ".."):  # never the folder itself, nor its parent
+        with pytest.raises(FeederError, match="outside"):
+            output.remove(relative)
+    assert (tmp_path / "feeds" / "kept.xml").read_bytes() == b"x"
 
 
 async def test_touched_but_unchanged_file_is_not_reparsed(config: Config) -> None:
