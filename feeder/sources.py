@@ -163,7 +163,12 @@ class SourceParser:
             meta = self._handler.load(fm)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
-            line = mark.line + 1 + lines_before if mark else None  # fm starts at the "---" line
+            line = None
+            if mark:
+                # fm starts on the opening "---" line, or below it when the boundary's
+                # trailing whitespace took line ends with it (a blank line after "---").
+                opening = stripped[: stripped.index(fm)].count("\n")
+                line = lines_before + opening + mark.line + 1
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise SourceError(path, f"invalid YAML front matter: {problem}", line) from e
         if meta is None:

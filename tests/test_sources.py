@@ -386,10 +386,9 @@ def test_unclosed_front_matter(parser: SourceParser) -> None:
                      id="spaces-after-opening"),
         pytest.param("---\r\ntitle: ok\r\nauthor: a: b\r\n---\r\nBody.\r\n", 3, id="crlf"),
         pytest.param("---\n\ntitle: ok\nauthor: a: b\n---\nBody.\n", 4,
-                     id="blank-line-after-opening",
-                     marks=pytest.mark.xfail(strict=True, reason=(
-                         "BUG: python-frontmatter's boundary regex ^-{3,}\\s*$ swallows a "
-                         "blank line after the opening ---, so the line is one too low"))),
+                     id="blank-line-after-opening"),
+        pytest.param("\n---\n\n\n\ntitle: ok\nauthor: a: b\n---\nBody.\n", 7,
+                     id="blank-lines-around-opening"),
     ],
 )
 def test_broken_yaml_names_the_bad_line(parser: SourceParser, text: str, line: int) -> None:
