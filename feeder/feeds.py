@@ -10,7 +10,7 @@ import hashlib
 import html
 import json
 import math
-import re
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,7 +29,6 @@ from feeder.types import Article, CachedImageInfo
 
 #: Date of a feed with no items: feeds must carry one, and it must not be the clock's.
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_NOT_SLUG = re.compile(r"[\W_]+")
 FEED_FILES = ("rss.xml", "atom.xml", "feed.json")
 CATEGORIES_FOLDER = "categories"
 
@@ -85,8 +84,18 @@ def article_page_path(article_id: str) -> str:
 
 
 def slugify(name: str) -> str:
-    """A path-safe slug: letters and digits kept (case too), other runs become ``-``."""
-    slug = _NOT_SLUG.sub("-", name).strip("-")
+    """A path-safe slug: letters and digits kept (case too), other runs become ``-``.
+
+    The name is NFC-normalized first, and a combining mark stays with the letter it
+    marks (``हिन्दी`` keeps its vowel signs): only what follows no letter is a separator.
+    """
+    kept: list[str] = []
+    for char in unicodedata.normalize("NFC", name):
+        if char.isalnum() or (kept and kept[-1] != "-" and unicodedata.category(char)[0] == "M"):
+            kept.append(char)
+        elif kept and kept[-1] != "-":
+            kept.append("-")
+    slug = "".join(kept).strip("-")
     return slug or "c-" + _short_hash(name)
 
 

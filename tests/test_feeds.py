@@ -69,6 +69,10 @@ def articles(config: Config) -> list[Article]:
         ("../etc/passwd", "etc-passwd"),
         ("50% off #1 / why?", "50-off-1-why"),
         ("  spaced  ", "spaced"),
+        ("cafe\u0301 noir", "café-noir"),  # decomposed é: composed, not cut
+        ("हिन्दी समाचार", "हिन्दी-समाचार"),  # vowel signs and virama are combining marks
+        ("\u0301a", "a"),  # a mark that follows no letter is dropped
+        ("snake_case", "snake-case"),
     ],
 )
 def test_slugify(name: str, slug: str) -> None:
