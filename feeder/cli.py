@@ -19,7 +19,7 @@ from feeder.config import Config, load_config
 from feeder.daemon import ask_daemon, run_daemon
 from feeder.exceptions import FeederError, SourceError
 from feeder.refresh import RefreshSummary, lock, open_refresher
-from feeder.sources import SOURCE_SUFFIXES, SourceParser
+from feeder.sources import SourceParser, read_source, scan_sources
 from feeder.store import Store
 
 _STAGES = {"parse": "Parsing sources", "images": "Fetching images", "write": "Writing feeds"}
@@ -130,7 +130,7 @@ def check(loader: _ConfigLoader, paths: tuple[Path, ...]) -> None:
     for file in _source_files(paths or (config.paths.sources,)):
         name = _display_path(file, config.paths.sources)
         try:
-            data = file.read_bytes()
+            data = read_source(file, config.sources.max_bytes, name)
             mtime = datetime.fromtimestamp(file.stat().st_mtime, UTC)
             article = parser.parse(name, data, mtime)
         except OSError as e:
@@ -149,12 +149,8 @@ def check(loader: _ConfigLoader, paths: tuple[Path, ...]) -> None:
 
 def _source_files(paths: tuple[Path, ...]) -> Iterator[Path]:
     for path in paths:
-        if path.is_dir():
-            yield from sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in SOURCE_SUFFIXES
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
+        if path.is_dir():  # the files a refresh would read
+            yield from (path / name for name in sorted(scan_sources(path)))
         else:
             yield path
 

@@ -40,7 +40,7 @@ from feeder.feeds import (
 )
 from feeder.images import CachedImage, FailedImage, fetch_images, retry_delay
 from feeder.output import OutputFolder
-from feeder.sources import SourceParser, article_id, content_hash, scan_sources
+from feeder.sources import SourceParser, article_id, content_hash, read_source, scan_sources
 from feeder.store import Store
 from feeder.types import Article, CachedImageInfo, SourceFile
 
@@ -259,7 +259,7 @@ class Refresher:
         article: Article | None = None
         error: str | None = None
         try:
-            data = _read_source(root / file.path, self.config.sources.max_bytes, file.path)
+            data = read_source(root / file.path, self.config.sources.max_bytes, file.path)
         except SourceError as e:
             data, error = b"", _reason(e)
             changes.errors.append(str(e))
@@ -408,21 +408,6 @@ def _digest(inputs: list[object]) -> str:
 def _reason(error: SourceError) -> str:
     """The reason to store for a refused source, with its line when known."""
     return error.reason if error.line is None else f"line {error.line}: {error.reason}"
-
-
-def _read_source(path: Path, max_bytes: int, name: str) -> bytes:
-    """A source file's bytes, at most ``max_bytes + 1``: enough for the parser to refuse it."""
-    try:
-        with open(path, "rb") as f:
-            # read(n) allocates n bytes first: ask for the size the file has, plus one
-            # byte that shows whether it grew since, and only then for the rest.
-            wanted = min(os.fstat(f.fileno()).st_size, max_bytes) + 1
-            data = f.read(wanted)
-            if len(data) == wanted <= max_bytes:
-                data += f.read(max_bytes + 1 - wanted)
-            return data
-    except OSError as e:
-        raise SourceError(name, f"cannot read: {e.strerror}") from e
 
 
 class RefreshLock:

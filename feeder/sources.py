@@ -79,6 +79,21 @@ def scan_sources(root: Path) -> SourceStats:
     return found
 
 
+def read_source(path: Path, max_bytes: int, name: str) -> bytes:
+    """A source file's bytes, at most ``max_bytes + 1``: enough for the parser to refuse it."""
+    try:
+        with open(path, "rb") as f:
+            # read(n) allocates n bytes first: ask for the size the file has, plus one
+            # byte that shows whether it grew since, and only then for the rest.
+            wanted = min(os.fstat(f.fileno()).st_size, max_bytes) + 1
+            data = f.read(wanted)
+            if len(data) == wanted <= max_bytes:
+                data += f.read(max_bytes + 1 - wanted)
+            return data
+    except OSError as e:
+        raise SourceError(name, f"cannot read: {e.strerror}") from e
+
+
 def content_hash(data: bytes) -> str:
     """Hash deciding whether a changed file needs parsing again."""
     return hashlib.blake2b(data, digest_size=16).hexdigest()

@@ -22,7 +22,7 @@ import pytest
 from feeder.config import Config, load_config
 from feeder.exceptions import FeederError, LockedError
 from feeder.output import OutputFolder
-from feeder.refresh import RefreshSummary, _read_source, lock, open_refresher
+from feeder.refresh import RefreshSummary, lock, open_refresher
 from feeder.sources import article_id
 from tests.conftest import (
     SEED_TEXT,
@@ -433,27 +433,6 @@ async def test_raised_max_bytes_publishes_a_file_refused_before(tmp_path: Path) 
     summary = await refresh(large)
     assert (summary.failed, summary.articles) == (0, 1)
     assert titles(large, "all") == ["Big"]
-
-@pytest.mark.parametrize(("size", "max_bytes", "read"), [
-    (1000, 1000, 1000), (1001, 1000, 1001), (5000, 1000, 1001), (0, 1000, 0),
-])
-def test_read_source_reads_at_most_one_byte_over_max(tmp_path: Path, size: int,
-                                                     max_bytes: int, read: int) -> None:
-    path = tmp_path / "a.md"
-    path.write_bytes(b"x" * size)
-    assert _read_source(path, max_bytes, "a.md") == b"x" * read
-
-
-def test_read_source_reads_a_file_grown_since_its_stat(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / "a.md"
-    path.write_bytes(b"x" * 500)
-    stat = os.stat(path)
-    # As if the file had 100 bytes when stat'ed, and grew before the read.
-    monkeypatch.setattr(os, "fstat", lambda fd: os.stat_result((*stat[:6], 100, *stat[7:])))
-    assert _read_source(path, 1000, "a.md") == b"x" * 500
-    assert _read_source(path, 300, "a.md") == b"x" * 301
-
 
 # -- the lock ---------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from feeder.sources import (
     SourceParser,
     html_blocks_as_rendered,
     parse_date,
+    read_source,
     scan_sources,
 )
 from feeder.types import Article
@@ -444,6 +445,27 @@ def test_scan_finds_articles_recursively_skipping_dot_files(config: Config) -> N
     assert set(found) == {"a.md", "sub/b.html", "sub/deeper/c.markdown"}
     st_a = os.stat(config.paths.sources / "a.md")
     assert found["a.md"] == (st_a.st_size, st_a.st_mtime_ns)
+
+
+@pytest.mark.parametrize(("size", "max_bytes", "read"), [
+    (1000, 1000, 1000), (1001, 1000, 1001), (5000, 1000, 1001), (0, 1000, 0),
+])
+def test_read_source_reads_at_most_one_byte_over_max(tmp_path: Path, size: int,
+                                                     max_bytes: int, read: int) -> None:
+    path = tmp_path / "a.md"
+    path.write_bytes(b"x" * size)
+    assert read_source(path, max_bytes, "a.md") == b"x" * read
+
+
+def test_read_source_reads_a_file_grown_since_its_stat(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "a.md"
+    path.write_bytes(b"x" * 500)
+    stat = os.stat(path)
+    # As if the file had 100 bytes when stat'ed, and grew before the read.
+    monkeypatch.setattr(os, "fstat", lambda fd: os.stat_result((*stat[:6], 100, *stat[7:])))
+    assert read_source(path, 1000, "a.md") == b"x" * 500
+    assert read_source(path, 300, "a.md") == b"x" * 301
 
 
 def test_scan_of_missing_folder_is_empty(tmp_path: Path) -> None:
