@@ -127,7 +127,9 @@ def check(loader: _ConfigLoader, paths: tuple[Path, ...]) -> None:
     config = loader.load()
     parser = SourceParser(config)
     refused = 0
-    for file in _source_files(paths or (config.paths.sources,)):
+    with _known_errors():  # a folder that cannot be listed
+        files = list(_source_files(paths or (config.paths.sources,)))
+    for file in files:
         name = _display_path(file, config.paths.sources)
         try:
             data = read_source(file, config.sources.max_bytes, name)

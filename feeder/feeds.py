@@ -30,6 +30,9 @@ from feeder.types import Article, CachedImageInfo
 #: Date of a feed with no items: feeds must carry one, and it must not be the clock's.
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 FEED_FILES = ("rss.xml", "atom.xml", "feed.json")
+#: Bump when the same articles and settings give other files (slugs, templates, formats):
+#: the next refresh rebuilds everything, so no page keeps a link to a moved feed.
+OUTPUT_VERSION = 2
 CATEGORIES_FOLDER = "categories"
 
 
@@ -86,8 +89,8 @@ def article_page_path(article_id: str) -> str:
 def slugify(name: str) -> str:
     """A path-safe slug: letters and digits kept (case too), other runs become ``-``.
 
-    The name is NFC-normalized first, and a combining mark stays with the letter it
-    marks (``हिन्दी`` keeps its vowel signs): only what follows no letter is a separator.
+    The name is NFC-normalized first, and combining marks are kept (``हिन्दी`` keeps
+    its vowel signs) unless they start the slug or follow a separator.
     """
     kept: list[str] = []
     for char in unicodedata.normalize("NFC", name):

@@ -46,8 +46,9 @@ class OutputFolder:
 
     def _target(self, relative: str) -> str:
         target = os.path.normpath(os.path.join(self.root, relative))
-        if not target.startswith(self._prefix):
-            raise FeederError(f"refusing to write outside {self.root}: {relative!r}")
+        # Not the folder itself either (a root of "/" is its own prefix).
+        if not target.startswith(self._prefix) or target == str(self.root):
+            raise FeederError(f"refusing a path outside {self.root}: {relative!r}")
         return target
 
     def write(self, relative: str, data: bytes) -> bool:

@@ -28,6 +28,7 @@ from feeder.exceptions import LockedError, RefreshAbandoned, SourceError
 from feeder.feeds import (
     CATEGORIES_FOLDER,
     FEED_FILES,
+    OUTPUT_VERSION,
     FeedInfo,
     article_page_path,
     build_article_page,
@@ -397,8 +398,8 @@ class Refresher:
     def _fingerprint(self) -> str:
         """What, besides articles and images, the output depends on."""
         c = self.config
-        return _digest([__version__, c.site.base_url, c.site.title, c.schedule.interval,
-                        c.feeds.items, c.feeds.slugs, str(c.paths.feeds)])
+        return _digest([__version__, OUTPUT_VERSION, c.site.base_url, c.site.title,
+                        c.schedule.interval, c.feeds.items, c.feeds.slugs, str(c.paths.feeds)])
 
 
 def _digest(inputs: list[object]) -> str:

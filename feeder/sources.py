@@ -25,7 +25,7 @@ from markdown_it import MarkdownIt
 from markdown_it.common.html_blocks import block_names
 
 from feeder.config import Config
-from feeder.exceptions import SourceError
+from feeder.exceptions import FeederError, SourceError
 from feeder.images import ImageCollector
 from feeder.types import Article, SourceStats
 
@@ -44,7 +44,8 @@ _LINK_KEYS = ("link", "url", "permalink")
 SUMMARY_CHARS = 280
 #: Characters of HTML a summary is first looked for in; four times more until it holds enough.
 _SUMMARY_WINDOW = 4 * SUMMARY_CHARS
-#: Text this far before a window's cut is whole (not a cut word or character reference).
+#: Text this far before a window's cut is whole: a reference the cut splits (in nh3's
+#: output, ``&nbsp;`` at most) reads as raw characters.
 _CUT_MARGIN = 64
 #: A line opening a CommonMark HTML block that runs to the next blank line (type 6).
 _HTML_BLOCK_START = re.compile(rf"</?(?:{'|'.join(block_names)})(?:[ \t>]|/>|$)", re.IGNORECASE)
@@ -54,16 +55,23 @@ def scan_sources(root: Path) -> SourceStats:
     """``(size, mtime_ns)`` of every article file under ``root`` (recursively), by path.
 
     Dot-files and dot-folders are skipped. Paths are relative to ``root``, with ``/``.
+
+    Raises:
+        FeederError: a folder could not be listed. Its files are not known, so no
+            scan is returned: a refresh would take them for deleted.
     """
     # Plain strings and tuples: this runs for every file on every refresh.
     found: SourceStats = {}
     stack = [""]
     while stack:
         prefix = stack.pop()
+        folder = os.path.join(root, prefix)
         try:
-            entries = list(os.scandir(os.path.join(root, prefix)))
-        except FileNotFoundError:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:  # no sources/ yet, or a folder deleted while scanning
             continue
+        except OSError as e:
+            raise FeederError(f"{folder}: cannot list the folder: {e.strerror}") from e
         for entry in entries:
             name = entry.name
             if name.startswith("."):

@@ -98,3 +98,21 @@ def seed_text() -> str:
 def config_factory(tmp_path: Path) -> Callable[..., Config]:
     """``config_factory(feeds={...})``: :func:`make_config` bound to this test's ``tmp_path``."""
     return lambda **overrides: make_config(tmp_path, **overrides)
+
+
+def make_unlistable_folder(root: Path) -> Path:
+    """A folder under ``root`` that cannot be listed, even by root: its path is too long.
+
+    Made one level at a time from the folder above, as no path to it may be used.
+    """
+    name, depth = "d" * 255, os.pathconf(root, "PC_PATH_MAX") // 256 + 1
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        for _ in range(depth):
+            os.mkdir(name, dir_fd=fd)
+            inner = os.open(name, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    finally:
+        os.close(fd)
+    return root.joinpath(*[name] * depth)

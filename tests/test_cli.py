@@ -15,7 +15,7 @@ from feeder.config import Config, load_config
 from feeder.sources import SourceParser
 from feeder.store import Store
 from feeder.types import CachedImageInfo
-from tests.conftest import SEED_TEXT, write_config_file, write_source
+from tests.conftest import SEED_TEXT, make_unlistable_folder, write_config_file, write_source
 
 #: Sources refused by `check`, and a word their reason must contain.
 BAD = {
@@ -174,6 +174,16 @@ def test_check_one_folder(config_file: Path, config: Config) -> None:
     result = run(config_file, "check", str(config.paths.sources / "deep"))
     assert result.exit_code == 1
     assert lines(result.stdout)[0].startswith("deep/er/huge.md: ")
+
+
+def test_check_names_a_folder_it_cannot_list(config_file: Path, config: Config) -> None:
+    write_source(config, "good.md", SEED_TEXT)
+    make_unlistable_folder(config.paths.sources)
+    result = run(config_file, "check")
+    assert result.exit_code == 1
+    assert "cannot list the folder" in result.output
+    assert len(lines(result.output)) == 1
+    assert "Traceback" not in result.output
 
 
 def test_check_file_outside_sources(tmp_path: Path, config_file: Path) -> None:

@@ -28,6 +28,7 @@ from tests.conftest import (
     SEED_TEXT,
     article_text,
     make_config,
+    make_unlistable_folder,
     write_config_file,
     write_source,
 )
@@ -259,6 +260,21 @@ def test_output_folder_refuses_paths_outside_it(tmp_path: Path) -> None:
         with pytest.raises(FeederError, match="outside"):
             output.remove(relative)
     assert (tmp_path / "feeds" / "kept.xml").read_bytes() == b"x"
+
+
+async def test_a_folder_that_cannot_be_listed_fails_the_refresh_and_loses_nothing(
+        config: Config) -> None:
+    write_source(config, "a.md", dated("A1", 1), mtime=T0)
+    await refresh(config)
+    before = snapshot(config.paths.feeds)
+    folder = make_unlistable_folder(config.paths.sources)
+    # Its files are unknown: publishing without them would take them for deleted.
+    with pytest.raises(FeederError, match="cannot list the folder") as info:
+        await refresh(config)
+    assert "dddd" in str(info.value)
+    assert snapshot(config.paths.feeds) == before
+    shutil.rmtree(config.paths.sources / folder.relative_to(config.paths.sources).parts[0])
+    assert (await refresh(config)).changed == 0  # the failed refresh changed nothing
 
 
 async def test_touched_but_unchanged_file_is_not_reparsed(config: Config) -> None:

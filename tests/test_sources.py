@@ -317,22 +317,39 @@ def test_xml_forbidden_character_references_are_removed(
     assert_feed_valid(article, config)
 
 
-_SUMMARY_PIECES = ("财联社讯", "word", " ", "\n", "&amp;", "&lt;b&gt;", "&#x4e2d;",
+_SUMMARY_PIECES = ("财联社讯", "word", " ", "\n", "&amp;", "&lt;b&gt;", "&#x4e2d;", "&nbsp;",
                    "<strong>bold</strong>", "</p><p>", "&CounterClockwiseContourIntegral;")
+
+
+def summary_of(text: str) -> str:
+    return text if len(text) <= SUMMARY_CHARS else text[: SUMMARY_CHARS - 1] + "…"
+
+
+def markup_of(length: int) -> str:
+    return f'<img src="https://img.cls.cn/images/{"a" * length}.png">'
 
 
 @pytest.mark.parametrize("pieces", [60, 400], ids=["short-text", "long-text"])
 def test_summary_is_the_opening_of_the_body_text(parser: SourceParser, pieces: int) -> None:
     # Only a window at the start of the body is cleaned for the summary: wherever its
-    # cut falls, what it finds must be what the whole body's text begins with.
+    # cut falls (a step of 3 shares no factor with the window sizes), what it finds
+    # must be what the whole body's text begins with.
     rng = random.Random(pieces)
     text_html = "".join(rng.choice(_SUMMARY_PIECES) for _ in range(pieces))
-    for markup in range(0, 5000, 7):
-        image = f'<img src="https://img.cls.cn/images/{"a" * markup}.png">'
-        article = parse(parser, front("title: t", f"<p>{image}{text_html}</p>"), "page.html")
-        text = normalized_text(article.content)
-        expected = text if len(text) <= SUMMARY_CHARS else text[: SUMMARY_CHARS - 1] + "…"
-        assert article.summary == expected, f"{markup} characters of markup first"
+    for markup in range(0, 5000, 3):
+        body = f"<p>{markup_of(markup)}{text_html}</p>"
+        article = parse(parser, front("title: t", body), "page.html")
+        assert article.summary == summary_of(normalized_text(article.content)), markup
+
+
+def test_summary_window_cut_inside_a_character_reference(parser: SourceParser) -> None:
+    # A reference the window cuts reads as its raw characters ("&nb"), not as the one
+    # it stands for (a no-break space, a word gap in a summary): that must not show.
+    text_html = "x" * 278 + "&nbsp;" + "y" * 100
+    for markup in range(700, 1100):
+        body = f"<p>{markup_of(markup)}{text_html}</p>"
+        article = parse(parser, front("title: t", body), "page.html")
+        assert article.summary == "x" * 278 + " …", markup
 
 
 def test_sanitizing(parser: SourceParser) -> None:
