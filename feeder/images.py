@@ -59,6 +59,8 @@ CHUNK_BYTES: Final = 16 * 1024
 #: An image up to this size is held in memory and written in one go; a larger one is
 #: streamed to disk. 64 downloads at once hold at most 16 MB.
 BUFFER_BYTES: Final = 256 * 1024
+#: Downloads started per turn of the event loop: 40,000 at once would hold it for 0.3 s.
+_TASK_BATCH: Final = 256
 
 _REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
 _SRCSET_SPACE: Final = " \t\n\r\f"
@@ -276,6 +278,19 @@ def _is_absolute_http(url: str) -> bool:
 # -- URLs and decisions -------------------------------------------------------------------
 
 
+def split_refused(urls: Iterable[str], config: ImagesConfig) -> tuple[list[FailedImage], list[str]]:
+    """The URLs never to be fetched, as permanent failures, and the others, in order."""
+    refused, wanted = [], []
+    for url in urls:
+        if is_allowed(url, config):
+            wanted.append(url)
+        elif _is_absolute_http(url):
+            refused.append(FailedImage(url, f"host {_host(url)} is not allowed", True, None))
+        else:
+            refused.append(FailedImage(url, "not an absolute http(s) URL", True, None))
+    return refused, wanted
+
+
 def is_allowed(url: str, config: ImagesConfig) -> bool:
     """True for an http(s) URL whose host is on ``config.allowed_hosts`` (exact, any case)."""
     host = _host(url)
@@ -484,14 +499,9 @@ async def fetch_images(
             on_result(result)
         return result
 
-    wanted = []
-    for url in unique:
-        if is_allowed(url, config):
-            wanted.append(url)
-        elif _is_absolute_http(url):
-            report(FailedImage(url, f"host {_host(url)} is not allowed", True, None))
-        else:
-            report(FailedImage(url, "not an absolute http(s) URL", True, None))
+    refused, wanted = split_refused(unique, config)
+    for failure in refused:
+        report(failure)
     if wanted:
         limits = _Limits(asyncio.Semaphore(config.concurrency), {}, config.per_host)
         resolver = _PublicOnlyResolver(_mirror_hosts(config))
@@ -501,9 +511,16 @@ async def fetch_images(
                 async def fetch_and_report(url: str) -> None:
                     report(await _fetch_image(session, limits, url, config, cache_dir))
 
-                tasks = [asyncio.create_task(fetch_and_report(url)) for url in wanted]
+                tasks: list[asyncio.Task[None]] = []
                 try:
-                    await asyncio.wait(tasks, timeout=deadline)
+                    async with asyncio.timeout(deadline):
+                        for start in range(0, len(wanted), _TASK_BATCH):
+                            tasks += [asyncio.create_task(fetch_and_report(url))
+                                      for url in wanted[start : start + _TASK_BATCH]]
+                            await asyncio.sleep(0)  # their first steps, then other work
+                        await asyncio.wait(tasks)
+                except TimeoutError:
+                    pass  # what is still running is cancelled below, and left pending
                 finally:
                     for task in tasks:
                         task.cancel()

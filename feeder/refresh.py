@@ -39,7 +39,14 @@ from feeder.feeds import (
     category_slugs,
     feed_infos,
 )
-from feeder.images import CachedImage, FailedImage, fetch_images, retry_delay
+from feeder.images import (
+    CachedImage,
+    FailedImage,
+    ImageResult,
+    fetch_images,
+    retry_delay,
+    split_refused,
+)
 from feeder.output import OutputFolder
 from feeder.sources import SourceParser, article_id, content_hash, read_source, scan_sources
 from feeder.store import Store
@@ -296,12 +303,16 @@ class Refresher:
         """Fetch due images; feeds showing a newly cached image are marked for rebuild."""
         if not urls:
             return 0, 0
-        progress.start("images", len(urls))
-        self.config.paths.cache.mkdir(parents=True, exist_ok=True)
-        results = await fetch_images(
-            urls, self.config.images, self.config.paths.cache,
-            on_result=lambda _: progress.advance("images"),
-        )
+        # Off the event loop: refusing 40,000 URLs of a disallowed host takes 0.3 s.
+        refused, wanted = await asyncio.to_thread(split_refused, urls, self.config.images)
+        results: list[ImageResult] = list(refused)
+        if wanted:
+            progress.start("images", len(wanted))
+            self.config.paths.cache.mkdir(parents=True, exist_ok=True)
+            results += await fetch_images(
+                wanted, self.config.images, self.config.paths.cache,
+                on_result=lambda _: progress.advance("images"),
+            )
         return await asyncio.to_thread(self._record_images, results, changes, now)
 
     def _record_images(self, results: Sequence[CachedImage | FailedImage], changes: _Changes,

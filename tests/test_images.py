@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from feeder import __version__
 from feeder.config import ImagesConfig
 from feeder.images import (
+    _TASK_BATCH,
     BUFFER_BYTES,
     CachedImage,
     FailedImage,
@@ -251,6 +252,30 @@ async def test_disallowed_host_is_never_requested(server, cache):
     assert results[0] == FailedImage(urls[0], "host evil.example is not allowed", True, None)
     assert results[2].permanent
     assert server.total_requests == 1
+
+
+async def test_many_urls_each_fetched_once_results_in_order(server, cache):
+    # More URLs than one batch of downloads started at a time, refused ones between.
+    count = 2 * _TASK_BATCH + 88
+    urls = []
+    for i in range(count):
+        server.route(f"/images/{i}.png", image(PNG))
+        urls.append(f"{ORIGIN}/images/{i}.png")
+        if i % 100 == 0:
+            urls.append(f"https://evil.example/{i}.png")
+    results = await fetch_images(urls, config_for(server), cache)
+    assert [result.url for result in results] == urls
+    assert sum(isinstance(result, CachedImage) for result in results) == count
+    assert server.total_requests == count
+    assert len(files(cache)) == count
+
+
+async def test_deadline_while_downloads_are_still_being_started(server, cache):
+    for i in range(2 * _TASK_BATCH):
+        server.route(f"/images/{i}.png", hang(head=PNG))
+    urls = [f"{ORIGIN}/images/{i}.png" for i in range(2 * _TASK_BATCH)]
+    assert await fetch_images(urls, config_for(server, timeout=30.0), cache, deadline=0) == []
+    assert files(cache) == []
 
 
 # -- redirects ----------------------------------------------------------------------------

@@ -147,6 +147,20 @@ async def test_origin_down_publishes_original_urls_then_rewrites_when_back(tmp_p
     assert entry.enclosures
 
 
+async def test_image_on_a_disallowed_host_is_recorded_and_keeps_its_url(tmp_path, server):
+    config = load(write_config(tmp_path, server.url))
+    other = "https://other.example/images/x.png"
+    text = SEED.read_text(encoding="utf-8").replace("</div>", f'<img src="{other}"></div>', 1)
+    seed(config, text=text)
+    summary = await refresh(config)
+    assert (summary.images_fetched, summary.images_failed) == (4, 1)
+    assert server.total_requests == 4
+    with open_refresher(config) as refresher:
+        [failing] = refresher.store.failing_images()
+    assert (failing.url, failing.error) == (other, "host other.example is not allowed")
+    assert other in parse(config, "all/rss.xml").entries[0].content[0].value
+
+
 async def test_server_error_is_retried_on_a_later_refresh(tmp_path, server):
     server.route("/images/20220330/c8Agbj08W6.png", status(500))
     config = load(write_config(tmp_path, server.url))
