@@ -41,7 +41,6 @@ from feeder.feeds import (
 )
 from feeder.images import (
     CachedImage,
-    FailedImage,
     ImageResult,
     fetch_images,
     retry_delay,
@@ -315,7 +314,7 @@ class Refresher:
             )
         return await asyncio.to_thread(self._record_images, results, changes, now)
 
-    def _record_images(self, results: Sequence[CachedImage | FailedImage], changes: _Changes,
+    def _record_images(self, results: Sequence[ImageResult], changes: _Changes,
                        now: datetime) -> tuple[int, int]:
         fetched: list[str] = []
         failed = 0
