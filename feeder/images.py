@@ -15,6 +15,7 @@ import hashlib
 import ipaddress
 import logging
 import random
+import re
 import socket
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -64,6 +65,9 @@ _TASK_BATCH: Final = 256
 
 _REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
 _SRCSET_SPACE: Final = " \t\n\r\f"
+#: An http(s) URL with a plain ASCII host and maybe a port, up to its path: urlsplit
+#: finds a scheme and a host in each, and never raises.
+_PLAIN_HTTP_URL: Final = re.compile(r"https?://[a-z0-9._~-]+(?::[0-9]*)?(?:[/?#]|\Z)", re.I | re.A)
 #: HTML5 void elements the libxml2 HTML parser gives content and an end tag.
 _HTML5_VOIDS: Final = ("source", "track", "wbr", "embed")
 
@@ -268,6 +272,8 @@ def _parse_srcset(value: str) -> list[tuple[str, str]]:
 
 
 def _is_absolute_http(url: str) -> bool:
+    if _PLAIN_HTTP_URL.match(url):
+        return True  # what urlsplit says of these, at a fifth of its cost (sources have many)
     try:
         parts = urlsplit(url)
     except ValueError:

@@ -8,6 +8,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from hypothesis import given, settings
@@ -29,6 +30,7 @@ from feeder.images import (
     retry_delay,
     rewrite_image_urls,
     sniff_image,
+    split_refused,
 )
 from tests.imageserver import (
     GIF,
@@ -598,6 +600,22 @@ def test_extract_and_rewrite_roundtrip(paths, texts, use_srcset):
 
 
 # -- pure helpers -------------------------------------------------------------------------
+
+
+_URL_CHARS = st.text(st.sampled_from("htps:/[]@.%?#-_~aZ09 \t\nKſé０／"), max_size=24)
+
+
+@settings(database=None, max_examples=400, deadline=None)
+@given(url=_URL_CHARS | st.builds(str.__add__, st.sampled_from(
+    ["http://", "HTTPS://", "https://", "http:/", " http://"]), _URL_CHARS))
+def test_absolute_http_urls_are_those_urlsplit_finds_a_scheme_and_host_in(url):
+    try:
+        parts = urlsplit(url)
+        absolute = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        absolute = False
+    [refused], [] = split_refused([url], ImagesConfig(allowed_hosts=()))
+    assert (refused.error != "not an absolute http(s) URL") == absolute
 
 
 def test_is_allowed():
