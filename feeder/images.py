@@ -37,7 +37,7 @@ from lxml import etree
 from feeder import __version__
 from feeder.config import ImagesConfig
 from feeder.exceptions import ImageError
-from feeder.output import write_atomically
+from feeder.output import temp_path, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -709,7 +709,7 @@ async def _save(
 async def _stream_to_cache(url: str, body: AsyncIterator[bytes], chunks: list[bytes],
                            size: int, max_bytes: int, target: Path) -> int:
     """Write ``chunks``, then the rest of ``body``, to a ``.part`` file; rename it. Its size."""
-    part = target.with_name(f".{target.name}.part")
+    part = temp_path(target, ".part")
     try:
         async with aiofiles.open(part, "wb") as file:
             await file.write(b"".join(chunks))

@@ -10,15 +10,35 @@ from pathlib import Path
 
 from feeder.exceptions import FeederError
 
+#: What a temp file's name ends with: a whole write (``.tmp``), a streamed image (``.part``).
+TEMP_SUFFIXES = (".tmp", ".part")
+
+
+def temp_path(target: Path, suffix: str) -> Path:
+    """The dot-prefixed temp file beside ``target``: never served, swept if left behind."""
+    return target.with_name(f".{target.name}{suffix}")
+
+
+def remove_temp_files(folder: Path) -> int:
+    """Delete every temp file under ``folder``, as a killed write leaves them. How many."""
+    removed = 0
+    for parent, _folders, names in os.walk(folder):
+        for name in names:
+            if name.startswith(".") and name.endswith(TEMP_SUFFIXES):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(parent, name))
+                    removed += 1
+    return removed
+
 
 def write_atomically(target: Path, chunks: Iterable[bytes]) -> None:
     """Write ``chunks`` to a dot-prefixed temp file beside ``target``, then rename it.
 
     Readers, and whatever survives a kill, see the old file or the new one, whole.
     One refresh runs at a time, so the temp file's name needs no random part; one
-    left by a killed refresh is overwritten by the next write of the same file.
+    left by a killed refresh is removed by the next refresh (see :func:`remove_temp_files`).
     """
-    temp = target.with_name(f".{target.name}.tmp")
+    temp = temp_path(target, ".tmp")
     try:
         with open(temp, "wb") as f:
             f.writelines(chunks)

@@ -46,7 +46,7 @@ from feeder.images import (
     retry_delay,
     split_refused,
 )
-from feeder.output import OutputFolder
+from feeder.output import OutputFolder, remove_temp_files
 from feeder.sources import SourceParser, article_id, content_hash, read_source, scan_sources
 from feeder.store import Store
 from feeder.types import Article, CachedImageInfo, SourceFile
@@ -54,6 +54,8 @@ from feeder.types import Article, CachedImageInfo, SourceFile
 log = logging.getLogger(__name__)
 #: Meta key of what an unfinished refresh left to rebuild.
 _PENDING = "pending_build"
+#: Meta key set while a refresh runs: still set at the start of the next one, if killed.
+_RUNNING = "refresh_running"
 #: Meta key of the settings the stored articles were parsed with.
 _PARSE_SETTINGS = "parse_settings"
 #: Files at the top of ``feeds/`` that list every feed.
@@ -207,7 +209,9 @@ class Refresher:
             seconds=round(time.perf_counter() - started, 3),
             errors=tuple(changes.errors),
         )
-        self.store.log_refresh(now, datetime.now(UTC), summary.to_dict())
+        with self.store.transaction():
+            self.store.log_refresh(now, datetime.now(UTC), summary.to_dict())
+            self.store.delete_meta(_RUNNING)
         return summary
 
     def _tally(self, changed: bool) -> RefreshSummary:
@@ -230,6 +234,7 @@ class Refresher:
     def _update_sources(self, progress: Progress,
                         now: datetime) -> tuple[int, _Changes, list[str]]:
         """Scan, parse what changed; the number of files found, the changes, the images due."""
+        self._start_running()
         root = self.config.paths.sources
         found = scan_sources(root)
         known = self.store.source_stats()
@@ -259,6 +264,16 @@ class Refresher:
                 self.store.set_meta(_PARSE_SETTINGS, parse_settings)
         self._check_abandoned()
         return len(found), changes, self.store.images_to_fetch(now)
+
+    def _start_running(self) -> None:
+        """Mark a refresh as running; if the last one never finished, delete its temp files."""
+        if self.store.get_meta(_RUNNING) is None:
+            self.store.set_meta(_RUNNING, "1")
+            return
+        paths = self.config.paths
+        removed = remove_temp_files(paths.feeds) + remove_temp_files(paths.cache)
+        if removed:
+            log.info("removed %d temp files an unfinished refresh left", removed)
 
     def _update_source(self, root: Path, file: SourceFile, known_hash: str | None,
                        changes: _Changes, reparse: bool) -> None:

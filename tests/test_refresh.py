@@ -20,9 +20,10 @@ import lxml.html
 import pytest
 
 from feeder.config import Config, load_config
-from feeder.exceptions import FeederError, LockedError
+from feeder.exceptions import FeederError, LockedError, RefreshAbandoned
+from feeder.feeds import article_page_path
 from feeder.output import OutputFolder
-from feeder.refresh import RefreshSummary, lock, open_refresher
+from feeder.refresh import Refresher, RefreshSummary, lock, open_refresher
 from feeder.sources import article_id
 from tests.conftest import (
     SEED_TEXT,
@@ -511,6 +512,45 @@ def assert_output_intact(config: Config, context: str) -> None:
         assert path.read_bytes().endswith(b"</html>\n"), (context, path)
 
 
+class AbandonWhileWriting:
+    """Progress that asks the refresh to stop once it starts writing: it never finishes."""
+
+    def __init__(self, refresher: Refresher) -> None:
+        self.refresher = refresher
+
+    def start(self, stage: str, total: int) -> None:
+        if stage == "write":
+            self.refresher.abandon()
+
+    def advance(self, stage: str, amount: int = 1) -> None:
+        pass
+
+
+async def test_temp_files_of_an_unfinished_refresh_are_removed_by_the_next(config: Config) -> None:
+    write_source(config, "cls-seed.md", SEED_TEXT)
+    await refresh(config)
+    write_source(config, "new.md", dated("New", 2))
+    with open_refresher(config) as refresher, pytest.raises(RefreshAbandoned):
+        await refresher.refresh(AbandonWhileWriting(refresher))
+    # What a kill in the middle of writes leaves: temp files beside feeds, pages, images.
+    page = article_page_path(article_id("new.md"))
+    litter = [config.paths.feeds / ".index.html.tmp",
+              (config.paths.feeds / page).with_name(f".{article_id('new.md')}.html.tmp"),
+              config.paths.cache / ".0123abcd.png.part"]
+    for path in litter:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+    mine = config.paths.feeds / ".htaccess"
+    mine.write_text("kept")
+
+    summary = await refresh(config)
+    assert summary.articles == 2
+    assert [path for path in litter if path.exists()] == []
+    assert mine.read_text() == "kept"
+    assert (config.paths.feeds / page).is_file()
+    assert "New" in titles(config, "all")
+
+
 @pytest.mark.slow
 def test_kill_9_never_leaves_a_broken_file(tmp_path: Path) -> None:
     overrides = {"feeds": {"items": 10}}
@@ -554,6 +594,7 @@ def test_kill_9_never_leaves_a_broken_file(tmp_path: Path) -> None:
 
     run_to_completion()  # picks up where the last killed run stopped
     assert_output_intact(config, "after the final run")
+    assert not list(config.paths.feeds.rglob(".*.tmp"))
     entries = feed(config, "all").entries
     assert len(entries) == 10
     assert all(e.link.startswith(f"http://round{rounds - 1}.example.test/") for e in entries)

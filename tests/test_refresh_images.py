@@ -228,6 +228,7 @@ async def test_refresh_killed_mid_download_leaves_no_partial_image(tmp_path, ser
     cached = sorted(p.read_bytes() for p in config.paths.cache.iterdir()
                     if not p.name.startswith("."))
     assert cached == sorted(PNG + n.encode() for n in SEED_IMAGES)
+    assert not [p for p in config.paths.cache.iterdir() if p.name.startswith(".")]
 
 
 def _listing(folder: Path) -> list[Path]:
