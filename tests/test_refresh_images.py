@@ -87,6 +87,23 @@ async def test_images_are_cached_and_feeds_point_at_the_cache(tmp_path, server):
     assert "img.cls.cn" not in (config.paths.feeds / "all/feed.json").read_text("utf-8")
 
 
+async def test_an_article_with_a_thousand_images_points_at_each_cached_one(tmp_path, server):
+    server.default = image(PNG)
+    config = load(write_config(tmp_path, server.url))
+    urls = [f"https://img.cls.cn/images/many/{n}.png" for n in range(1200)]
+    seed(config, "many.md", "---\ntitle: Many\ncategories: [图集]\n---\n"
+         + "".join(f'<p>图 {n}</p><p><img src="{url}"></p>\n' for n, url in enumerate(urls)))
+    summary = await refresh(config)
+    assert (summary.images_fetched, summary.images_pending) == (1200, 0)
+
+    cached = {p.name for p in config.paths.cache.iterdir()}
+    page = next((config.paths.feeds / "articles").iterdir()).read_text(encoding="utf-8")
+    content = parse(config, "categories/图集/rss.xml").entries[0].content[0].value
+    for html in (page, content):
+        assert "img.cls.cn" not in html
+        assert {name for name in cached if f"{BASE}/images/{name}" in html} == cached
+
+
 async def test_enclosure_has_the_cached_file_size_and_type(tmp_path, server):
     config = load(write_config(tmp_path, server.url))
     seed(config)
