@@ -19,7 +19,13 @@ from feeder.config import Config, load_config
 from feeder.daemon import ask_daemon, run_daemon
 from feeder.exceptions import FeederError, SourceError
 from feeder.refresh import RefreshSummary, lock, open_refresher
-from feeder.sources import SourceParser, read_source, scan_sources
+from feeder.sources import (
+    MISNAMED,
+    SourceParser,
+    printable_path,
+    read_source,
+    scan_sources,
+)
 from feeder.store import Store
 
 _STAGES = {"parse": "Parsing sources", "images": "Fetching images", "write": "Writing feeds"}
@@ -126,9 +132,12 @@ def check(loader: _ConfigLoader, paths: tuple[Path, ...]) -> None:
     """Report bad sources (all of sources/ by default); exit 1 if any is refused."""
     config = loader.load()
     parser = SourceParser(config)
-    refused = 0
+    misnamed: list[str] = []
     with _known_errors():  # a folder that cannot be listed
-        files = list(_source_files(paths or (config.paths.sources,)))
+        files = list(_source_files(paths or (config.paths.sources,), misnamed))
+    for path in misnamed:
+        click.echo(f"{path}: {MISNAMED}")
+    refused = len(misnamed)
     for file in files:
         name = _display_path(file, config.paths.sources)
         try:
@@ -149,10 +158,10 @@ def check(loader: _ConfigLoader, paths: tuple[Path, ...]) -> None:
         sys.exit(1)
 
 
-def _source_files(paths: tuple[Path, ...]) -> Iterator[Path]:
+def _source_files(paths: tuple[Path, ...], misnamed: list[str]) -> Iterator[Path]:
     for path in paths:
         if path.is_dir():  # the files a refresh would read
-            yield from (path / name for name in sorted(scan_sources(path)))
+            yield from (path / name for name in sorted(scan_sources(path, misnamed)))
         else:
             yield path
 
@@ -160,9 +169,10 @@ def _source_files(paths: tuple[Path, ...]) -> Iterator[Path]:
 def _display_path(file: Path, sources: Path) -> str:
     """A file's path relative to sources/ when it is inside, else as given."""
     try:
-        return file.resolve().relative_to(sources.resolve()).as_posix()
+        shown = file.resolve().relative_to(sources.resolve()).as_posix()
     except ValueError:
-        return str(file)
+        shown = str(file)
+    return printable_path(shown)
 
 
 @cli.command()

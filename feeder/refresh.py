@@ -47,7 +47,14 @@ from feeder.images import (
     split_refused,
 )
 from feeder.output import OutputFolder, remove_temp_files
-from feeder.sources import SourceParser, article_id, content_hash, read_source, scan_sources
+from feeder.sources import (
+    MISNAMED,
+    SourceParser,
+    article_id,
+    content_hash,
+    read_source,
+    scan_sources,
+)
 from feeder.store import Store
 from feeder.types import Article, CachedImageInfo, SourceFile
 
@@ -236,7 +243,10 @@ class Refresher:
         """Scan, parse what changed; the number of files found, the changes, the images due."""
         self._start_running()
         root = self.config.paths.sources
-        found = scan_sources(root)
+        misnamed: list[str] = []
+        found = scan_sources(root, misnamed)
+        for path in misnamed:
+            log.warning("%s: %s", path, MISNAMED)
         known = self.store.source_stats()
         parse_settings = self._parse_fingerprint()
         reparse = self.store.get_meta(_PARSE_SETTINGS) != parse_settings

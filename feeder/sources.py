@@ -11,6 +11,7 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import html
+import logging
 import os
 import re
 import uuid
@@ -29,6 +30,8 @@ from feeder.exceptions import FeederError, SourceError
 from feeder.images import ImageCollector
 from feeder.types import Article, SourceStats
 
+log = logging.getLogger(__name__)
+
 #: File name suffixes read as articles; ``.html`` bodies are not Markdown.
 MARKDOWN_SUFFIXES = frozenset({".md", ".markdown"})
 HTML_SUFFIXES = frozenset({".html", ".htm"})
@@ -40,6 +43,10 @@ _XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\ufff
 #: Namespace of article guids: ``urn:uuid:`` from the source path, never the site URL.
 _ID_NAMESPACE = uuid.UUID("6f1d3c52-5d0e-4c1b-9a43-0a6f3e1f2b7e")
 _LINK_KEYS = ("link", "url", "permalink")
+#: Why a file whose path is not UTF-8 is left out.
+MISNAMED = "skipped: the file name is not UTF-8 (rename it)"
+#: Dates before this year are read as no date: feeds cannot carry them.
+MIN_YEAR = 1900
 #: Characters of body text kept as an item's summary.
 SUMMARY_CHARS = 280
 #: Characters of HTML a summary is first looked for in; four times more until it holds enough.
@@ -51,10 +58,12 @@ _CUT_MARGIN = 64
 _HTML_BLOCK_START = re.compile(rf"</?(?:{'|'.join(block_names)})(?:[ \t>]|/>|$)", re.IGNORECASE)
 
 
-def scan_sources(root: Path) -> SourceStats:
+def scan_sources(root: Path, misnamed: list[str] | None = None) -> SourceStats:
     """``(size, mtime_ns)`` of every article file under ``root`` (recursively), by path.
 
     Dot-files and dot-folders are skipped. Paths are relative to ``root``, with ``/``.
+    A path that is not UTF-8 cannot be stored, nor given an id: it is left out, and
+    added to ``misnamed`` (if given) with its odd bytes escaped.
 
     Raises:
         FeederError: a folder could not be listed. Its files are not known, so no
@@ -83,8 +92,27 @@ def scan_sources(root: Path) -> SourceStats:
                     st = entry.stat()
                 except FileNotFoundError:  # deleted between listing and stat
                     continue
-                found[prefix + name] = (st.st_size, st.st_mtime_ns)
+                path = prefix + name
+                if not path.isascii() and not _is_utf8(path):
+                    if misnamed is not None:
+                        misnamed.append(printable_path(path))
+                    continue
+                found[path] = (st.st_size, st.st_mtime_ns)
     return found
+
+
+def _is_utf8(path: str) -> bool:
+    """False for a name os.scandir decoded with surrogate escapes."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable_path(path: str) -> str:
+    """A path as text that can be printed and stored: bytes that are not UTF-8 as ``\\xNN``."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def read_source(path: Path, max_bytes: int, name: str) -> bytes:
@@ -122,11 +150,28 @@ def strip_xml_forbidden(text: str) -> str:
     return _XML_FORBIDDEN.sub("", text)
 
 
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """PyYAML's safe loader (libyaml's, when available), kinder to dates."""
+
+    def construct_yaml_timestamp(self, node: yaml.Node) -> Any:
+        """A timestamp YAML cannot build (``2022-02-30``) stays the text it was written as.
+
+        The date parser then warns about it, and a ``title: 2022-02-30`` is just text.
+        """
+        try:
+            return super().construct_yaml_timestamp(node)
+        except (ValueError, OverflowError, AttributeError):  # `!!timestamp x`: AttributeError
+            return self.construct_scalar(node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:timestamp", _Loader.construct_yaml_timestamp)
+
+
 class _CYAMLHandler(YAMLHandler):
-    """python-frontmatter's YAML handler, with libyaml's C loader when available."""
+    """python-frontmatter's YAML handler, with :class:`_Loader`."""
 
     def load(self, fm: str, **kwargs: object) -> Any:
-        return yaml.load(fm, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        return yaml.load(fm, Loader=_Loader)
 
 
 class SourceParser:
@@ -162,8 +207,19 @@ class SourceParser:
         """Parse one file; ``mtime`` dates an article that has no date.
 
         Raises:
-            SourceError: the file is not a publishable article.
+            SourceError: the file is not a publishable article. An error no one
+                foresaw is one too (and logged with its traceback): it refuses this
+                file, never the others.
         """
+        try:
+            return self._parse(path, data, mtime)
+        except SourceError:
+            raise
+        except Exception as e:
+            log.exception("%s: unexpected error while parsing", path)
+            raise SourceError(path, f"unexpected error: {type(e).__name__}: {e}") from e
+
+    def _parse(self, path: str, data: bytes, mtime: datetime) -> Article:
         if not data.strip():
             raise SourceError(path, "empty file")
         if len(data) > self._max_bytes:
@@ -194,6 +250,8 @@ class SourceParser:
                 line = lines_before + opening + mark.line + 1
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise SourceError(path, f"invalid YAML front matter: {problem}", line) from e
+        except Exception as e:  # a value its tag cannot build: `!!int abc` is a ValueError
+            raise SourceError(path, f"invalid YAML front matter: {e}") from e
         if meta is None:
             meta = {}
         if not isinstance(meta, dict):
@@ -265,8 +323,12 @@ class SourceParser:
         if value is None or value == "":
             return None
         parsed = parse_date(value, self._tz)
+        shown = repr(value.isoformat() if isinstance(value, date) else value)
         if parsed is None:
-            warnings.append(f"{key}: cannot read {value!r} as a date")
+            warnings.append(f"{key}: cannot read {shown} as a date")
+        elif parsed.year < MIN_YEAR:  # RSS dates (RFC 822) have years of 4 digits
+            warnings.append(f"{key}: {shown} is before {MIN_YEAR}")
+            return None
         return parsed
 
 
@@ -315,7 +377,10 @@ def parse_date(value: Any, tz: tzinfo) -> datetime | None:
         return None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=tz)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # 0001-01-01 in a time zone east of UTC
+        return None
 
 
 def _names(value: Any, what: str, warnings: list[str]) -> tuple[str, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +25,7 @@ BAD = {
     "bad/broken.md": (b"---\ntitle: ok\nauthor: a: b\n---\nBody.\n", "YAML"),
     "bad/gbk.md": ("---\ntitle: 沪上险企\n---\n正文\n".encode("gbk"), "UTF-8"),
     "bad/list.md": (b"---\n- a\n- b\n---\nBody.\n", "mapping"),
+    "bad/int.md": (b"---\ntitle: ok\nn: !!int abc\n---\nBody.\n", "YAML"),
     "deep/er/huge.md": (b"---\ntitle: huge\n---\n" + b"x" * 10_000 + b"\n", "max_bytes"),
 }
 GOOD = {
@@ -36,6 +38,7 @@ WARNED = {
     "warn/undated.md": b"---\ntitle: Undated\ncategories: [A]\n---\nBody.\n",
     "warn/odd.md": "---\ntitle: Odd\ndate: 2022-03-30\ncategories:\n - 科创板: 新股\n - #热点\n"
                    "---\nBody.\n".encode(),
+    "warn/no-such-day.md": b"---\ntitle: No such day\ndate: 2022-02-30\n---\nBody.\n",
 }
 
 
@@ -139,6 +142,21 @@ def test_check_reports_each_refused_source_once(config_file: Path, config: Confi
     assert not any(line.startswith(tuple(GOOD)) for line in out)
 
 
+def test_check_names_a_file_whose_name_is_not_utf8(config_file: Path, config: Config,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    write_all(config, GOOD)
+    gbk_name = os.path.join(os.fsencode(config.paths.sources), "沪上.md".encode("gbk"))
+    with open(gbk_name, "wb") as f:
+        f.write(GOOD["sub/clean.md"])
+    result = run(config_file, "check")
+    assert result.exit_code == 1
+    assert lines(result.stdout) == [
+        "\\xbb\\xa6\\xc9\\xcf.md: skipped: the file name is not UTF-8 (rename it)"]
+    refreshed = run(config_file, "refresh")
+    assert f"{len(GOOD)} articles" in refreshed.stdout
+    assert "\\xbb\\xa6\\xc9\\xcf.md: skipped: the file name is not UTF-8" in caplog.text
+
+
 def test_check_clean_folder_exits_0(config_file: Path, config: Config) -> None:
     write_all(config, GOOD)
     result = run(config_file, "check")
@@ -151,7 +169,7 @@ def test_check_warnings_alone_exit_0(config_file: Path, config: Config) -> None:
     result = run(config_file, "check")
     assert result.exit_code == 0
     assert all(": warning: " in line for line in lines(result.stdout))
-    assert len(lines(result.stdout)) == 3
+    assert len(lines(result.stdout)) == 5
 
 
 def test_check_one_file(config_file: Path, config: Config) -> None:

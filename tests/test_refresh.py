@@ -86,6 +86,7 @@ BAD_SOURCES: dict[str, bytes] = {
     "bad/list.md": b"---\n- a\n- b\n---\nBody.\n",
     "bad/scalar.md": b"---\njust a sentence\n---\nBody.\n",
     "bad/huge.md": b"---\ntitle: huge\n---\n" + b"x" * 70_000 + b"\n",
+    "bad/int.md": b"---\ntitle: ok\nn: !!int abc\n---\nBody.\n",
 }
 
 #: Sources that must be published, with the title each one gets.
@@ -104,6 +105,8 @@ GOOD_SOURCES: dict[str, tuple[bytes, str]] = {
     "good/undated.md": (b"---\ntitle: Undated\n---\nx\n", "Undated"),
     "good/page.html": (b"---\ntitle: HTML page\ndate: 2022-03-08\nlink: https://e.example/p\n"
                        b"---\n<p>x</p>\n", "HTML page"),
+    "good/no-such-day.md": (b"---\ntitle: No such day\ndate: 2022-02-30\n---\nx\n", "No such day"),
+    "good/year-one.md": (b"---\ntitle: Year one\ndate: 0001-01-01T00:00:00Z\n---\nx\n", "Year one"),
     "good/control.md": ("---\ntitle: Con\x00trol\x0b\ndate: 2022-03-09\n---\nx\x1fy\ufffe\n"
                         .encode(), "Control"),
 }

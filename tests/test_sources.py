@@ -207,6 +207,48 @@ def test_unreadable_date_is_a_warning(parser: SourceParser) -> None:
     assert any("sometime last week" in w for w in article.warnings)
 
 
+@pytest.mark.parametrize(("line", "warning"), [
+    ("date: 2022-02-30", "date: cannot read '2022-02-30' as a date"),
+    ("date: 2022-03-30 25:00:00", "date: cannot read '2022-03-30 25:00:00' as a date"),
+    ("date: !!timestamp someday", "date: cannot read 'someday' as a date"),
+    ("date: 0001-01-01 00:00:00", "date: cannot read '0001-01-01T00:00:00' as a date"),
+    ("date: 0001-01-01T00:00:00Z", "date: '0001-01-01T00:00:00+00:00' is before 1900"),
+    ("date: 1899-12-31", "date: '1899-12-31' is before 1900"),
+])
+def test_a_date_yaml_or_a_feed_cannot_carry_is_a_warning(parser: SourceParser, line: str,
+                                                         warning: str) -> None:
+    article = parse(parser, front(f"title: t\n{line}"))
+    assert article.published == MTIME
+    assert article.warnings == (warning, "no date: using the file's modification time")
+
+
+@pytest.mark.parametrize(("line", "field", "value"), [
+    ("title: 2022-02-30", "title", "2022-02-30"),
+    ("tags: [2022-02-30, x]", "tags", ("2022-02-30", "x")),
+    ("updated: 2022-02-31", "updated", None),
+])
+def test_a_timestamp_yaml_cannot_build_is_kept_as_written(parser: SourceParser, line: str,
+                                                          field: str, value: object) -> None:
+    assert getattr(parse(parser, front(line)), field) == value
+
+
+@pytest.mark.parametrize("line", ["x: !!int abc", "x: !!float abc", "x: !!bool maybe"])
+def test_a_value_its_yaml_tag_cannot_build_refuses_the_file(parser: SourceParser,
+                                                            line: str) -> None:
+    error = refuse(parser, front(f"title: t\n{line}"), "tagged.md")
+    assert error.reason.startswith("invalid YAML front matter: ")
+
+
+def test_an_unforeseen_error_refuses_that_file_only(parser: SourceParser,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_summary(content: str) -> str:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(parser, "_summary", broken_summary)
+    error = refuse(parser, front("title: t"), "bug.md")
+    assert error.reason == "unexpected error: KeyError: 'a bug'"
+
+
 def test_categories_as_list(parser: SourceParser) -> None:
     article = parse(parser, front("title: t\ncategories:\n  - 金融\n  - 深度\n  - 金融"))
     assert article.categories == ("金融", "深度")
@@ -483,6 +525,18 @@ def test_read_source_reads_a_file_grown_since_its_stat(tmp_path: Path,
     monkeypatch.setattr(os, "fstat", lambda fd: os.stat_result((*stat[:6], 100, *stat[7:])))
     assert read_source(path, 1000, "a.md") == b"x" * 500
     assert read_source(path, 300, "a.md") == b"x" * 301
+
+
+def test_scan_leaves_out_a_path_that_is_not_utf8(config: Config) -> None:
+    write_source(config, "a.md", front("title: a"))
+    folder = os.fsencode(config.paths.sources)
+    for name in (b"\xd6\xd0\xce\xc4.md", b"\xb8\xdf/b.md"):  # GBK names
+        os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(front("title: gbk").encode())
+    misnamed: list[str] = []
+    assert set(scan_sources(config.paths.sources, misnamed)) == {"a.md"}
+    assert sorted(misnamed) == ["\\xb8\\xdf/b.md", "\\xd6\\xd0\\xce\\xc4.md"]
 
 
 def test_scan_of_missing_folder_is_empty(tmp_path: Path) -> None:
