@@ -124,6 +124,7 @@ class Daemon:
         self._lock = RefreshLock(config)
         self._next: asyncio.Future[RefreshSummary] | None = None
         self._running: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def request_refresh(self) -> RefreshSummary:
         """Refresh soon and return that refresh's summary.
@@ -149,8 +150,12 @@ class Daemon:
             self._running.add_done_callback(lambda _: self._start_next())
             return
         future, self._next = self._next, None
-        if future is not None:
-            self._running = asyncio.create_task(self._run_refresh(future))
+        if future is None or future.done():
+            return
+        if self._stopping:  # asked for before the stop: it will not run
+            future.set_exception(RefreshAbandoned("daemon stopped"))
+            return
+        self._running = asyncio.create_task(self._run_refresh(future))
 
     async def _run_refresh(self, future: asyncio.Future[RefreshSummary]) -> None:
         self.monitor.refreshing = True
@@ -201,7 +206,11 @@ class Daemon:
             self.trigger_refresh()
 
     async def stop(self) -> None:
-        """Abandon the running refresh (what it did is kept) and wait for it briefly."""
+        """Abandon the running refresh (what it did is kept) and wait for it briefly.
+
+        A refresh asked for but not started yet never starts.
+        """
+        self._stopping = True
         self.refresher.abandon()
         if self._running is not None and not self._running.done():
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
@@ -227,6 +236,7 @@ def make_control_app(daemon: Daemon) -> web.Application:
 
 
 async def _control_refresh(request: web.Request) -> web.Response:
+    log.info("refresh requested on the control socket")
     try:
         summary = await request.app[_DAEMON_KEY].request_refresh()
     except FeederError as e:

@@ -730,6 +730,35 @@ async def test_sigterm_while_images_download_and_a_refresh_command_waits(
 
 
 @pytest.mark.slow
+async def test_sigterm_never_starts_a_refresh_asked_for_before_it(start_daemon: StartDaemon):
+    """The first refresh waits on a slow image; `feeder refresh` asks for the next one."""
+
+    def slow_image(root: Path) -> None:
+        write_article(root / "sources", "slow.md", "Slow image",
+                      body="<p><img src='https://img.cls.cn/images/slow.png'></p>")
+
+    daemon = await start_daemon(ready=False, prepare=slow_image)
+    daemon.images.route("/images/slow.png", hang())
+    refresh = None
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + START_TIMEOUT
+    while "refresh requested on the control socket" not in daemon.log():
+        assert loop.time() < deadline, daemon.log()
+        if refresh is None and daemon.images.requests["/images/slow.png"]:
+            refresh = await daemon.start_cli("refresh")
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)  # past the moment the request would start a refresh
+
+    assert await daemon.sigterm() == 0  # within 5 s: the asked-for refresh never ran
+    assert daemon.images.requests["/images/slow.png"] == 1
+    assert refresh is not None
+    result = await finish(refresh)
+    assert result.returncode == 1, result
+    assert "daemon stopped" in result.stderr
+    assert "Traceback" not in daemon.log()
+
+
+@pytest.mark.slow
 async def test_sigterm_while_the_refresh_waits_for_the_lock(start_daemon: StartDaemon,
                                                             tmp_path: Path):
     """Another process (`feeder gc`, an in-process refresh) holds the lock at SIGTERM."""
