@@ -132,6 +132,8 @@ def check(loader: _ConfigLoader, paths: tuple[Path, ...]) -> None:
     """Report bad sources (all of sources/ by default); exit 1 if any is refused."""
     config = loader.load()
     parser = SourceParser(config)
+    if not paths and not config.paths.sources.is_dir():
+        raise click.ClickException(f"{config.paths.sources}: no such folder (paths.sources)")
     misnamed: list[str] = []
     with _known_errors():  # a folder that cannot be listed
         files = list(_source_files(paths or (config.paths.sources,), misnamed))

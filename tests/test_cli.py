@@ -157,6 +157,12 @@ def test_check_names_a_file_whose_name_is_not_utf8(config_file: Path, config: Co
     assert "\\xbb\\xa6\\xc9\\xcf.md: skipped: the file name is not UTF-8" in caplog.text
 
 
+def test_check_names_a_missing_sources_folder(config_file: Path, config: Config) -> None:
+    result = CliRunner().invoke(cli, ["-c", str(config_file), "check"])
+    assert result.exit_code == 1
+    assert result.output == f"Error: {config.paths.sources}: no such folder (paths.sources)\n"
+
+
 def test_check_clean_folder_exits_0(config_file: Path, config: Config) -> None:
     write_all(config, GOOD)
     result = run(config_file, "check")
