@@ -27,7 +27,7 @@ from markdown_it.common.html_blocks import block_names
 
 from feeder.config import Config
 from feeder.exceptions import FeederError, SourceError
-from feeder.images import ImageCollector
+from feeder.images import ImageCollector, allowed_urls
 from feeder.types import Article, SourceStats
 
 log = logging.getLogger(__name__)
@@ -184,6 +184,7 @@ class SourceParser:
         self._max_bytes = config.sources.max_bytes
         self._tz: tzinfo = config.site.tz
         self._default_category = config.feeds.default_category
+        self._image_config = config.images
         self._handler = _CYAMLHandler()
         self._markdown = MarkdownIt("commonmark")
         self._images = ImageCollector()
@@ -281,7 +282,9 @@ class SourceParser:
                 html = self._markdown.render(body)
         # YAML escapes and HTML character references can produce them again.
         content = strip_xml_forbidden(self._cleaner.clean(html))
-        images = [*map(strip_xml_forbidden, self._images.take()), headimg, thumbnail]
+        # Images elsewhere are left as they are: not fetched, not tracked.
+        found = [*map(strip_xml_forbidden, self._images.take()), headimg, thumbnail]
+        images = allowed_urls(dict.fromkeys(url for url in found if url), self._image_config)
         return Article(
             path=path,
             id=article_id(path),
@@ -296,7 +299,7 @@ class SourceParser:
             link=link,
             headimg=headimg,
             thumbnail=thumbnail,
-            images=tuple(dict.fromkeys(u for u in images if u)),
+            images=tuple(images),
             warnings=tuple(warnings),
         )
 

@@ -164,18 +164,29 @@ async def test_origin_down_publishes_original_urls_then_rewrites_when_back(tmp_p
     assert entry.enclosures
 
 
-async def test_image_on_a_disallowed_host_is_recorded_and_keeps_its_url(tmp_path, server):
+async def test_image_on_a_disallowed_host_is_left_as_it_is_until_allowed(tmp_path, server):
     config = load(write_config(tmp_path, server.url))
     other = "https://other.example/images/x.png"
     text = SEED.read_text(encoding="utf-8").replace("</div>", f'<img src="{other}"></div>', 1)
     seed(config, text=text)
     summary = await refresh(config)
-    assert (summary.images_fetched, summary.images_failed) == (4, 1)
+    # Not fetched, and not reported as failing or pending either: it is not ours to fetch.
+    assert (summary.images_fetched, summary.images_failed, summary.images_pending) == (4, 0, 0)
     assert server.total_requests == 4
     with open_refresher(config) as refresher:
-        [failing] = refresher.store.failing_images()
-    assert (failing.url, failing.error) == (other, "host other.example is not allowed")
+        assert refresher.store.failing_images() == []
     assert other in parse(config, "all/rss.xml").entries[0].content[0].value
+
+    # Allowing its host (through a mirror here) fetches it on the next refresh.
+    server.route("/other/images/x.png", image(PNG + b"x"))
+    write_config(tmp_path, server.url, allowed_hosts=["img.cls.cn", "other.example"],
+                 origins={"https://img.cls.cn": server.url,
+                          "https://other.example": f"{server.url}/other"})
+    config = load(tmp_path / "config.yaml")
+    summary = await refresh(config)
+    assert (summary.images_fetched, summary.images_pending) == (1, 0)
+    content = parse(config, "all/rss.xml").entries[0].content[0].value
+    assert "other.example" not in content
 
 
 async def test_server_error_is_retried_on_a_later_refresh(tmp_path, server):
