@@ -41,8 +41,10 @@ from feeder.output import temp_path, write_atomically
 
 log = logging.getLogger(__name__)
 
+#: Attributes a lazy-loading script takes an ``<img>``'s real URL from.
+LAZY_ATTRIBUTES: Final = ("data-src", "data-original")
 #: Attributes holding one image URL, on ``<img>``.
-URL_ATTRIBUTES: Final = ("src", "data-src", "data-original")
+URL_ATTRIBUTES: Final = ("src", *LAZY_ATTRIBUTES)
 #: Attributes holding a ``srcset`` (comma-separated candidates), on ``<img>`` and ``<source>``.
 SRCSET_ATTRIBUTES: Final = ("srcset", "data-srcset")
 #: Redirect hops followed per attempt.
@@ -135,13 +137,37 @@ def rewrite_image_urls(html: str, mapping: Mapping[str, str]) -> str:
     for element, attribute, candidates in _image_references(root):
         if not any(url in mapping for url, _ in candidates):
             continue
-        # A plain attribute is one candidate with no descriptor: the URL alone.
-        element.set(attribute, ", ".join(
-            f"{mapping.get(url, url)} {descriptor}".rstrip() for url, descriptor in candidates
-        ))
+        element.set(attribute, _joined([(mapping.get(u, u), d) for u, d in candidates]))
         changed = True
-    if not changed:
+    return _fragment_html(root, html) if changed else html
+
+
+def show_lazy_images(html: str) -> str:
+    """Give an ``<img>`` that only lazy-loads (``data-src``, no ``src``) its ``src``.
+
+    Feed readers and the article pages run no script: such an image would never show.
+    """
+    if not any(attribute in html for attribute in LAZY_ATTRIBUTES):
         return html
+    root = _parse_fragment(html)
+    if root is None:
+        return html
+    changed = False
+    for element in root.iter("img"):
+        lazy = next(filter(None, map(element.get, LAZY_ATTRIBUTES)), None)
+        if lazy and not element.get("src"):
+            element.set("src", lazy.strip())
+            changed = True
+    return _fragment_html(root, html) if changed else html
+
+
+def _joined(candidates: list[tuple[str, str]]) -> str:
+    """An attribute's value from its candidates; a plain one is one URL, no descriptor."""
+    return ", ".join(f"{url} {descriptor}".rstrip() for url, descriptor in candidates)
+
+
+def _fragment_html(root: lxml.html.HtmlElement, html: str) -> str:
+    """``root`` (a :func:`_parse_fragment` of ``html``) as a fragment again."""
     out = _serialize(root)
     # The parser drops leading whitespace; the wrapper <div> is ours, not the source's.
     leading = html[: len(html) - len(html.lstrip())]
@@ -173,6 +199,8 @@ class ImageCollector:
     """An nh3 ``attribute_filter`` that notes the image URLs of the HTML being cleaned.
 
     What :func:`extract_image_urls` finds, without parsing the cleaned HTML again.
+    A protocol-relative URL (``//img.cls.cn/...``) becomes ``https:``: a reader would
+    resolve it against the feed's address, and the image is the origin's.
     One collector serves one clean at a time: :meth:`take` returns and forgets.
     """
 
@@ -181,7 +209,11 @@ class ImageCollector:
 
     def __call__(self, tag: str, attribute: str, value: str) -> str:
         if tag in ("img", "source") and attribute in _image_attributes(tag):
-            for url, _ in _candidates(attribute, value):
+            candidates = _candidates(attribute, value)
+            if any(url.startswith("//") for url, _ in candidates):
+                candidates = [(absolute_url(url), d) for url, d in candidates]
+                value = _joined(candidates)
+            for url, _ in candidates:
                 if _is_absolute_http(url):
                     self._found.setdefault(url, None)
         return value
@@ -271,6 +303,11 @@ def _parse_srcset(value: str) -> list[tuple[str, str]]:
         if url:
             candidates.append((url, descriptor))
     return candidates
+
+
+def absolute_url(url: str) -> str:
+    """``url``, with ``https:`` in front if it is protocol-relative (``//host/...``)."""
+    return f"https:{url}" if url.startswith("//") else url
 
 
 def _is_absolute_http(url: str) -> bool:

@@ -27,7 +27,7 @@ from markdown_it.common.html_blocks import block_names
 
 from feeder.config import Config
 from feeder.exceptions import FeederError, SourceError
-from feeder.images import ImageCollector, allowed_urls
+from feeder.images import ImageCollector, absolute_url, allowed_urls, show_lazy_images
 from feeder.types import Article, SourceStats
 
 log = logging.getLogger(__name__)
@@ -281,7 +281,7 @@ class SourceParser:
             if html is None:
                 html = self._markdown.render(body)
         # YAML escapes and HTML character references can produce them again.
-        content = strip_xml_forbidden(self._cleaner.clean(html))
+        content = show_lazy_images(strip_xml_forbidden(self._cleaner.clean(html)))
         # Images elsewhere are left as they are: not fetched, not tracked.
         found = [*map(strip_xml_forbidden, self._images.take()), headimg, thumbnail]
         images = allowed_urls(dict.fromkeys(url for url in found if url), self._image_config)
@@ -415,9 +415,8 @@ def _text(value: Any) -> str | None:
 
 
 def _url(value: Any) -> str | None:
-    if isinstance(value, str) and value.strip().startswith(("http://", "https://")):
-        return value.strip()
-    return None
+    url = absolute_url(value.strip()) if isinstance(value, str) else ""
+    return url if url.startswith(("http://", "https://")) else None
 
 
 def _title_from_path(path: str) -> str:

@@ -104,6 +104,17 @@ async def test_an_article_with_a_thousand_images_points_at_each_cached_one(tmp_p
         assert {name for name in cached if f"{BASE}/images/{name}" in html} == cached
 
 
+async def test_a_lazy_image_shows_from_the_cache_in_readers(tmp_path, server):
+    config = load(write_config(tmp_path, server.url))
+    seed(config, "lazy.md", "---\ntitle: Lazy\ncategories: [A]\n---\n<p>Text.</p>\n"
+         '<p><img data-src="https://img.cls.cn/images/20220330/8ZNa70Fbl8.png"></p>\n')
+    summary = await refresh(config)
+    assert summary.images_fetched == 1
+    [name] = [p.name for p in config.paths.cache.iterdir()]
+    content = parse(config, "all/rss.xml").entries[0].content[0].value
+    assert f'src="{BASE}/images/{name}"' in content
+
+
 async def test_enclosure_has_the_cached_file_size_and_type(tmp_path, server):
     config = load(write_config(tmp_path, server.url))
     seed(config)

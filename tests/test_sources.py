@@ -658,7 +658,32 @@ IMAGE_FRAGMENTS = [
     "<script><img src='https://img.cls.cn/no.png'></script>", "<p>text</p>",
     '<img data-original="https://img.cls.cn/a.png">', "<img src=\"javascript:alert(1)\">",
     '<a href="https://img.cls.cn/link.png">a link is not an image</a>',
+    '<img src="//img.cls.cn/pr.png">', '<img srcset="//img.cls.cn/p1.png 1x, /p2.png 2x">',
 ]
+
+
+def test_a_lazy_image_gets_its_real_url_as_src(parser: SourceParser) -> None:
+    article = parse(parser, front("title: t", (
+        '<p><img data-src="https://img.cls.cn/lazy.png" src="data:image/gif;base64,R0lGOD"></p>'
+        '<p><img data-original=" https://img.cls.cn/orig.png "></p>'
+        '<p><img src="https://img.cls.cn/a.png" data-src="https://img.cls.cn/big.png"></p>'
+    )))
+    srcs = [img.get("src") for img in lxml.html.fragment_fromstring(
+        article.content, create_parent="div").iter("img")]
+    assert srcs == ["https://img.cls.cn/lazy.png", "https://img.cls.cn/orig.png",
+                    "https://img.cls.cn/a.png"]
+
+
+def test_protocol_relative_images_are_https(parser: SourceParser) -> None:
+    article = parse(parser, front(
+        "title: t\nheadimg: //img.cls.cn/head.png",
+        '<p><img src="//img.cls.cn/a.png" srcset="//img.cls.cn/b.png 2x, /c.png 3x"></p>',
+    ))
+    assert article.headimg == "https://img.cls.cn/head.png"
+    assert 'src="https://img.cls.cn/a.png"' in article.content
+    assert 'srcset="https://img.cls.cn/b.png 2x, /c.png 3x"' in article.content
+    assert article.images == ("https://img.cls.cn/a.png", "https://img.cls.cn/b.png",
+                              "https://img.cls.cn/head.png")
 
 
 @given(st.lists(st.sampled_from(IMAGE_FRAGMENTS), max_size=8))
