@@ -162,9 +162,17 @@ class Daemon:
         try:
             await self._acquire_lock()
             try:
+                if self._stopping:  # it waited for the lock while the daemon was told to stop
+                    raise RefreshAbandoned("daemon stopped")
                 summary = await self.refresher.refresh()
-            finally:
+            except asyncio.CancelledError:
+                # Its worker thread may write until it sees the abandon: the lock is kept,
+                # and goes with the process.
+                raise
+            except BaseException:
                 self._lock.release()
+                raise
+            self._lock.release()
         except RefreshAbandoned as e:
             future.set_exception(e)
             return

@@ -154,9 +154,10 @@ def show_lazy_images(html: str) -> str:
         return html
     changed = False
     for element in root.iter("img"):
-        lazy = next(filter(None, map(element.get, LAZY_ATTRIBUTES)), None)
-        if lazy and not element.get("src"):
-            element.set("src", lazy.strip())
+        lazy = next(filter(None, map(element.get, LAZY_ATTRIBUTES)), "")
+        url = absolute_url(lazy.strip())
+        if _is_absolute_http(url) and not element.get("src"):  # never javascript: or data:
+            element.set("src", url)
             changed = True
     return _fragment_html(root, html) if changed else html
 

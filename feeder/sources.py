@@ -14,6 +14,7 @@ import html
 import logging
 import os
 import re
+import reprlib
 import uuid
 from datetime import UTC, date, datetime, time, tzinfo
 from pathlib import Path, PurePosixPath
@@ -45,6 +46,10 @@ _ID_NAMESPACE = uuid.UUID("6f1d3c52-5d0e-4c1b-9a43-0a6f3e1f2b7e")
 _LINK_KEYS = ("link", "url", "permalink")
 #: Why a file whose path is not UTF-8 is left out.
 MISNAMED = "skipped: the file name is not UTF-8 (rename it)"
+_MAX_INT64 = 2**63 - 1
+#: Categories (or tags) read from one file at most.
+MAX_NAMES = 100
+_END = object()
 #: Dates before this year are read as no date: feeds cannot carry them.
 MIN_YEAR = 1900
 #: Characters of body text kept as an item's summary.
@@ -97,7 +102,8 @@ def scan_sources(root: Path, misnamed: list[str] | None = None) -> SourceStats:
                     if misnamed is not None:
                         misnamed.append(printable_path(path))
                     continue
-                found[path] = (st.st_size, st.st_mtime_ns)
+                # SQLite integers are 64-bit; `touch -d 2300-01-01` goes past them.
+                found[path] = (st.st_size, min(st.st_mtime_ns, _MAX_INT64))
     return found
 
 
@@ -221,6 +227,7 @@ class SourceParser:
             raise SourceError(path, f"unexpected error: {type(e).__name__}: {e}") from e
 
     def _parse(self, path: str, data: bytes, mtime: datetime) -> Article:
+        self._images.take()  # nothing left from a parse that failed midway
         if not data.strip():
             raise SourceError(path, "empty file")
         if len(data) > self._max_bytes:
@@ -326,7 +333,7 @@ class SourceParser:
         if value is None or value == "":
             return None
         parsed = parse_date(value, self._tz)
-        shown = repr(value.isoformat() if isinstance(value, date) else value)
+        shown = reprlib.repr(value.isoformat() if isinstance(value, date) else value)
         if parsed is None:
             warnings.append(f"{key}: cannot read {shown} as a date")
         elif parsed.year < MIN_YEAR:  # RSS dates (RFC 822) have years of 4 digits
@@ -372,7 +379,7 @@ def parse_date(value: Any, tz: tzinfo) -> datetime | None:
         except ValueError:
             try:
                 parsed = email.utils.parsedate_to_datetime(text)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 return None
             if parsed.tzinfo is None:  # RFC 5322's "-0000": UTC, origin unknown
                 parsed = parsed.replace(tzinfo=UTC)
@@ -387,39 +394,50 @@ def parse_date(value: Any, tz: tzinfo) -> datetime | None:
 
 
 def _names(value: Any, what: str, warnings: list[str]) -> tuple[str, ...]:
-    """Categories or tags: a list, one string, or Hexo's nested list, cleaned and deduped."""
-    if value is None:
-        return ()
-    items = value if isinstance(value, list) else [value]
+    """Categories or tags: a list, one string, or Hexo's nested list, cleaned and deduped.
+
+    At most :data:`MAX_NAMES` entries are read: YAML aliases can nest a list of
+    10 into ten levels of itself in a few hundred bytes.
+    """
     names: list[str] = []
-    for item in items:
-        if isinstance(item, list):  # Hexo: [[parent, child]] is a hierarchy
-            names.extend(_names(item, what, warnings))
+    stack = [iter(value if isinstance(value, list) else [] if value is None else [value])]
+    while stack:
+        item = next(stack[-1], _END)
+        if item is _END:
+            stack.pop()
+        elif len(names) >= MAX_NAMES:
+            warnings.append(f"more than {MAX_NAMES} {what} entries: the rest dropped")
+            break
+        elif isinstance(item, list):  # Hexo: [[parent, child]] is a hierarchy
+            stack.append(iter(item))
         elif isinstance(item, dict):
-            for k, v in item.items():
-                name = strip_xml_forbidden(f"{k}: {v}" if v is not None else str(k))
-                warnings.append(f"{what} {item!r} is a mapping: read as {name!r}")
+            for k, v in list(item.items())[:MAX_NAMES]:
+                name = _text(f"{_text(k) or ''}: {_text(v) or ''}".rstrip(": ")) or ""
+                warnings.append(f"{what} {reprlib.repr(item)} is a mapping: read as {name!r}")
                 names.append(name)
-        elif item is None or str(item).strip() == "":
+        elif (name := _text(item)) is None:
             warnings.append(f"empty {what} dropped")
         else:
-            names.append(" ".join(strip_xml_forbidden(str(item)).split()))
+            names.append(name)
     return tuple(dict.fromkeys(names))
 
 
 def _text(value: Any) -> str | None:
-    if value is None:
+    """A scalar as one line of text; None for nothing, or a list or mapping."""
+    if value is None or isinstance(value, (list, dict)):
         return None
+    if isinstance(value, bytes):  # !!binary
+        value = value.decode("utf-8", "replace")
     text = " ".join(strip_xml_forbidden(str(value)).split())
     return text or None
 
 
 def _url(value: Any) -> str | None:
-    url = absolute_url(value.strip()) if isinstance(value, str) else ""
+    url = absolute_url(strip_xml_forbidden(value).strip()) if isinstance(value, str) else ""
     return url if url.startswith(("http://", "https://")) else None
 
 
 def _title_from_path(path: str) -> str:
-    stem = PurePosixPath(path).stem
+    stem = strip_xml_forbidden(PurePosixPath(path).stem)
     return " ".join(re.split(r"[-_\s]+", stem)).strip() or stem
 

@@ -38,6 +38,10 @@ import pytest
 import yaml
 from multidict import CIMultiDict
 
+from feeder.daemon import Daemon
+from feeder.exceptions import RefreshAbandoned
+from feeder.refresh import open_refresher
+from tests.conftest import make_config, write_source
 from tests.imageserver import PNG, ImageServer, hang, image, png_of_size
 
 _REPO = Path(__file__).resolve().parents[1]
@@ -756,6 +760,24 @@ async def test_sigterm_never_starts_a_refresh_asked_for_before_it(start_daemon: 
     assert result.returncode == 1, result
     assert "daemon stopped" in result.stderr
     assert "Traceback" not in daemon.log()
+
+
+async def test_stop_abandons_a_refresh_still_waiting_for_the_lock(tmp_path: Path):
+    """`feeder gc` holds the lock when a refresh is asked for, then the daemon is stopped."""
+    config = make_config(tmp_path)
+    write_source(config, "a.md", SEED_TEXT)
+    config.paths.state.mkdir(parents=True)
+    with open_refresher(config) as refresher, hold_lock(config.lock_file) as release:
+        daemon = Daemon(config, refresher)
+        asked = daemon.trigger_refresh()
+        await asyncio.sleep(0.3)  # the refresh has started, and waits for the lock
+        stopping = asyncio.create_task(daemon.stop())
+        await asyncio.sleep(0.1)
+        release()  # gc is done before the daemon's stop timeout
+        await stopping
+        with pytest.raises(RefreshAbandoned, match="daemon stopped"):
+            await asked
+    assert not (config.paths.feeds / "all" / "rss.xml").exists()  # it never ran
 
 
 @pytest.mark.slow

@@ -105,6 +105,9 @@ GOOD_SOURCES: dict[str, tuple[bytes, str]] = {
     "good/undated.md": (b"---\ntitle: Undated\n---\nx\n", "Undated"),
     "good/page.html": (b"---\ntitle: HTML page\ndate: 2022-03-08\nlink: https://e.example/p\n"
                        b"---\n<p>x</p>\n", "HTML page"),
+    "good/control-link.md": (b'---\ntitle: Link\ndate: 2022-03-10\nlink: "https://e.example/a\\0b"\n'
+                             b"---\nx\n", "Link"),
+    "good/no\x01title.md": (b"---\ndate: 2022-03-11\n---\nx\n", "notitle"),
     "good/no-such-day.md": (b"---\ntitle: No such day\ndate: 2022-02-30\n---\nx\n", "No such day"),
     "good/year-one.md": (b"---\ntitle: Year one\ndate: 0001-01-01T00:00:00Z\n---\nx\n", "Year one"),
     "good/control.md": ("---\ntitle: Con\x00trol\x0b\ndate: 2022-03-09\n---\nx\x1fy\ufffe\n"
@@ -513,6 +516,14 @@ def assert_output_intact(config: Config, context: str) -> None:
             raise AssertionError(f"{context}: {path}: {e}") from e
     for path in feeds.rglob("*.html"):
         assert path.read_bytes().endswith(b"</html>\n"), (context, path)
+
+
+async def test_a_source_dated_past_2262_is_published(config: Config) -> None:
+    write_source(config, "future.md", dated("Future", 2))
+    os.utime(config.paths.sources / "future.md", ns=(0, 10**19))  # year 2286
+    summary = await refresh(config)
+    assert (summary.articles, summary.failed) == (1, 0)
+    assert titles(config, "all") == ["Future"]
 
 
 class AbandonWhileWriting:

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from markdown_it import MarkdownIt
 
+import feeder.sources
 from feeder.config import Config
 from feeder.exceptions import SourceError
 from feeder.feeds import FeedInfo, build_feed
@@ -214,6 +215,8 @@ def test_unreadable_date_is_a_warning(parser: SourceParser) -> None:
     ("date: 0001-01-01 00:00:00", "date: cannot read '0001-01-01T00:00:00' as a date"),
     ("date: 0001-01-01T00:00:00Z", "date: '0001-01-01T00:00:00+00:00' is before 1900"),
     ("date: 1899-12-31", "date: '1899-12-31' is before 1900"),
+    ("date: Wed, 30 Mar 99999999999999999999 03:17:49 GMT",
+     "date: cannot read 'Wed, 30 Mar ... 03:17:49 GMT' as a date"),
 ])
 def test_a_date_yaml_or_a_feed_cannot_carry_is_a_warning(parser: SourceParser, line: str,
                                                          warning: str) -> None:
@@ -241,12 +244,28 @@ def test_a_value_its_yaml_tag_cannot_build_refuses_the_file(parser: SourceParser
 
 def test_an_unforeseen_error_refuses_that_file_only(parser: SourceParser,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken_summary(content: str) -> str:
-        raise KeyError("a bug")
+    real = feeder.sources.show_lazy_images
 
-    monkeypatch.setattr(parser, "_summary", broken_summary)
-    error = refuse(parser, front("title: t"), "bug.md")
+    def broken_on_a(content: str) -> str:
+        if "from-a" in content:
+            raise KeyError("a bug")
+        return real(content)
+
+    monkeypatch.setattr(feeder.sources, "show_lazy_images", broken_on_a)
+    error = refuse(parser, front("title: a", '<img src="https://img.cls.cn/from-a.png">'), "a.md")
     assert error.reason == "unexpected error: KeyError: 'a bug'"
+    b = parse(parser, front("title: b", '<img src="https://img.cls.cn/from-b.png">'), "b.md")
+    assert b.images == ("https://img.cls.cn/from-b.png",)  # nothing left over from a.md
+
+
+def test_yaml_aliases_cannot_make_a_file_expensive(parser: SourceParser) -> None:
+    levels = ["l0: &l0 [a, b, c, d, e, f, g, h, i, j]"]
+    levels += [f"l{n}: &l{n} [{', '.join([f'*l{n - 1}'] * 10)}]" for n in range(1, 5)]
+    article = parse(parser, front("\n".join([*levels, "title: *l4", "categories: *l4"])),
+                    "bomb-that-was.md")
+    assert article.title == "bomb that was"
+    assert article.categories == tuple("abcdefghij")
+    assert "more than 100 category entries: the rest dropped" in article.warnings
 
 
 def test_categories_as_list(parser: SourceParser) -> None:
@@ -667,11 +686,12 @@ def test_a_lazy_image_gets_its_real_url_as_src(parser: SourceParser) -> None:
         '<p><img data-src="https://img.cls.cn/lazy.png" src="data:image/gif;base64,R0lGOD"></p>'
         '<p><img data-original=" https://img.cls.cn/orig.png "></p>'
         '<p><img src="https://img.cls.cn/a.png" data-src="https://img.cls.cn/big.png"></p>'
+        '<p><img data-src="javascript:alert(1)"><img data-original="data:image/svg+xml,x"></p>'
     )))
     srcs = [img.get("src") for img in lxml.html.fragment_fromstring(
         article.content, create_parent="div").iter("img")]
     assert srcs == ["https://img.cls.cn/lazy.png", "https://img.cls.cn/orig.png",
-                    "https://img.cls.cn/a.png"]
+                    "https://img.cls.cn/a.png", None, None]
 
 
 def test_protocol_relative_images_are_https(parser: SourceParser) -> None:
