@@ -396,25 +396,29 @@ def parse_date(value: Any, tz: tzinfo) -> datetime | None:
 def _names(value: Any, what: str, warnings: list[str]) -> tuple[str, ...]:
     """Categories or tags: a list, one string, or Hexo's nested list, cleaned and deduped.
 
-    At most :data:`MAX_NAMES` entries are read: YAML aliases can nest a list of
-    10 into ten levels of itself in a few hundred bytes.
+    At most :data:`MAX_NAMES` entries (lists included) are read: YAML aliases can
+    nest a list of 10 into ten levels of itself in a few hundred bytes.
     """
     names: list[str] = []
     stack = [iter(value if isinstance(value, list) else [] if value is None else [value])]
+    read = 0
     while stack:
         item = next(stack[-1], _END)
         if item is _END:
             stack.pop()
-        elif len(names) >= MAX_NAMES:
+            continue
+        read += 1
+        if read > MAX_NAMES:
             warnings.append(f"more than {MAX_NAMES} {what} entries: the rest dropped")
             break
-        elif isinstance(item, list):  # Hexo: [[parent, child]] is a hierarchy
+        if isinstance(item, list):  # Hexo: [[parent, child]] is a hierarchy
             stack.append(iter(item))
         elif isinstance(item, dict):
             for k, v in list(item.items())[:MAX_NAMES]:
                 name = _text(f"{_text(k) or ''}: {_text(v) or ''}".rstrip(": ")) or ""
                 warnings.append(f"{what} {reprlib.repr(item)} is a mapping: read as {name!r}")
-                names.append(name)
+                if name:
+                    names.append(name)
         elif (name := _text(item)) is None:
             warnings.append(f"empty {what} dropped")
         else:

@@ -266,6 +266,11 @@ def test_yaml_aliases_cannot_make_a_file_expensive(parser: SourceParser) -> None
     assert article.title == "bomb that was"
     assert article.categories == tuple("abcdefghij")
     assert "more than 100 category entries: the rest dropped" in article.warnings
+    empty = ["e0: &e0 []"] + [f"e{n}: &e{n} [{', '.join([f'*e{n - 1}'] * 10)}]"
+                              for n in range(1, 5)]
+    article = parse(parser, front("\n".join([*empty, "title: t", "tags: *e4"])))
+    assert article.tags == ()
+    assert "more than 100 tag entries: the rest dropped" in article.warnings
 
 
 def test_categories_as_list(parser: SourceParser) -> None:
