@@ -689,16 +689,25 @@ async def test_sigterm_while_a_large_refresh_writes_exits_0_and_leaves_valid_fee
     assert_feeds_parse(daemon.feeds)
 
 
+def write_slow_image_article(sources: Path) -> None:
+    """An article whose image the fake img.cls.cn answers slowly once routed to ``hang()``."""
+    write_article(sources, "slow.md", "Slow image",
+                  body="<p><img src='https://img.cls.cn/images/slow.png'></p>")
+
+
+async def start_stuck_on_a_slow_image(start_daemon: StartDaemon) -> RunningDaemon:
+    """A daemon whose first, scheduled refresh waits on an image that never comes."""
+    daemon = await start_daemon(ready=False,
+                                prepare=lambda root: write_slow_image_article(root / "sources"))
+    daemon.images.route("/images/slow.png", hang())
+    return daemon
+
+
 @pytest.mark.slow
 async def test_sigterm_during_a_scheduled_refresh_logs_no_error(start_daemon: StartDaemon):
     """The first refresh waits on a slow image when SIGTERM comes; no command waits for it."""
 
-    def slow_image(root: Path) -> None:
-        write_article(root / "sources", "slow.md", "Slow image",
-                      body="<p><img src='https://img.cls.cn/images/slow.png'></p>")
-
-    daemon = await start_daemon(ready=False, prepare=slow_image)
-    daemon.images.route("/images/slow.png", hang())
+    daemon = await start_stuck_on_a_slow_image(start_daemon)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + START_TIMEOUT
     while daemon.images.requests["/images/slow.png"] == 0:
@@ -715,8 +724,7 @@ async def test_sigterm_while_images_download_and_a_refresh_command_waits(
         daemon: RunningDaemon):
     """A refresh stuck on a slow image download, requested by `feeder refresh`."""
     daemon.images.route("/images/slow.png", hang())
-    write_article(daemon.sources, "slow.md", "Slow image",
-                  body="<p><img src='https://img.cls.cn/images/slow.png'></p>")
+    write_slow_image_article(daemon.sources)
     refresh = await daemon.start_cli("refresh")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + START_TIMEOUT
@@ -737,12 +745,7 @@ async def test_sigterm_while_images_download_and_a_refresh_command_waits(
 async def test_sigterm_never_starts_a_refresh_asked_for_before_it(start_daemon: StartDaemon):
     """The first refresh waits on a slow image; `feeder refresh` asks for the next one."""
 
-    def slow_image(root: Path) -> None:
-        write_article(root / "sources", "slow.md", "Slow image",
-                      body="<p><img src='https://img.cls.cn/images/slow.png'></p>")
-
-    daemon = await start_daemon(ready=False, prepare=slow_image)
-    daemon.images.route("/images/slow.png", hang())
+    daemon = await start_stuck_on_a_slow_image(start_daemon)
     refresh = None
     loop = asyncio.get_running_loop()
     deadline = loop.time() + START_TIMEOUT
