@@ -327,8 +327,9 @@ def _is_absolute_http(url: str) -> bool:
 def split_refused(urls: Iterable[str], config: ImagesConfig) -> tuple[list[FailedImage], list[str]]:
     """The URLs never to be fetched, as permanent failures, and the others, in order."""
     refused, wanted = [], []
+    hosts = _allowed_hosts(config)
     for url in urls:
-        if is_allowed(url, config):
+        if _is_allowed(url, hosts):
             wanted.append(url)
         elif _is_absolute_http(url):
             refused.append(FailedImage(url, f"host {_host(url)} is not allowed", True, None))
