@@ -79,22 +79,16 @@ def set_aside(path: Path, work: Path) -> None:
         path.rename(trash / f"{path.name}-{time.monotonic_ns()}")
 
 
-def write_then_rename(path: Path, data: bytes) -> None:
-    """The simplest atomic write: a temp file beside ``path``, renamed onto it."""
-    temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "wb") as f:
-        f.write(data)
-    os.replace(temp, path)
-
-
 def floor_create(sizes: list[int], work: Path) -> float:
     """Seconds to create one new file per size (temp file, then rename), as pages are."""
+    from feeder.output import write_atomically
+
     folder = work / "create-floor"
     folder.mkdir(parents=True)
     os.sync()  # start from a quiet disk, as the cold refresh does
     started = time.perf_counter()
     for i, size in enumerate(sizes):
-        write_then_rename(folder / f"{i:08d}.html", b"x" * size)
+        write_atomically(folder / f"{i:08d}.html", (b"x" * size,))
     seconds = time.perf_counter() - started
     set_aside(folder, work)
     return seconds
@@ -184,11 +178,13 @@ async def images(args: dict[str, Any]) -> dict[str, Any]:
 async def bare_images(args: dict[str, Any]) -> dict[str, Any]:
     """The same requests with a plain aiohttp session, bodies read and dropped: no disk.
 
-    With ``write``, each body is written to a new file in a thread instead, as
-    simply as an atomic writer can (temp file, then rename): what creating the
-    files costs this machine.
+    With ``write``, each body is written to a new file in a thread instead, with
+    feeder's own atomic write (temp file, then rename) and none of its checks:
+    what creating the files costs this machine.
     """
     import aiohttp
+
+    from feeder.output import write_atomically
 
     sem = asyncio.Semaphore(args["concurrency"])
     connector = aiohttp.TCPConnector(limit=args["concurrency"])
@@ -204,7 +200,7 @@ async def bare_images(args: dict[str, Any]) -> dict[str, Any]:
             async with sem, session.get(f"{args['mirror']}/images/b/{i:06d}.png") as r:
                 body = await r.read()
                 if args.get("write"):
-                    await asyncio.to_thread(write_then_rename, folder / f"{i:06d}.png", body)
+                    await asyncio.to_thread(write_atomically, folder / f"{i:06d}.png", (body,))
                 return len(body)
 
         started = time.perf_counter()
