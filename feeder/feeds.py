@@ -212,7 +212,8 @@ def _json_feed(feed: FeedInfo, articles: Sequence[Article], bodies: Sequence[str
         "feed_url": links.feed(feed.folder, "feed.json"),
         "items": items,
     }
-    return json.dumps(document, ensure_ascii=False, indent=2).encode() + b"\n"
+    # Not indented: only then does json use its C encoder, 10 times faster.
+    return json.dumps(document, ensure_ascii=False).encode() + b"\n"
 
 
 def build_article_page(article: Article, images: Mapping[str, CachedImageInfo],

@@ -64,6 +64,8 @@ _PENDING = "pending_build"
 _RUNNING = "refresh_running"
 #: Meta key of the settings the stored articles were parsed with.
 _PARSE_SETTINGS = "parse_settings"
+#: Meta key prefix (then a feed's folder) of the paths its last build showed, newest first.
+_SHOWN = "shown:"
 #: Files at the top of ``feeds/`` that list every feed.
 _INDEX_FILES = ("index.opml", "index.html")
 
@@ -380,9 +382,10 @@ class Refresher:
         stale = [f for f in feeds if everything or self._feed_stale(f, changes)]
         progress.start("write", len(stale) + len(changes.pages))
         written = 0
+        shown: dict[str, list[str]] = {}
         for feed in stale:
             self._check_abandoned()
-            written += self._write_feed(feed)
+            written += self._write_feed(feed, shown)
             progress.advance("write")
         for path in sorted(changes.removed_pages - changes.pages):
             written += self.output.remove(article_page_path(article_id(path)))
@@ -397,24 +400,39 @@ class Refresher:
             for slug in self.output.list_folder(CATEGORIES_FOLDER):
                 if slug not in wanted:
                     written += self.output.remove(category_folder(slug))
+                    self.store.delete_meta(_SHOWN + category_folder(slug))
             written += self.output.write("index.opml", build_opml(feeds, self.config))
             written += self.output.write("index.html", build_index(feeds, counts, self.config))
-        if everything or pending:
+        if everything or pending or shown:
             with self.store.transaction():
                 self.store.set_meta("fingerprint", fingerprint)
                 self.store.delete_meta(_PENDING)
+                for folder, paths in shown.items():
+                    self.store.set_meta(_SHOWN + folder, json.dumps(paths, ensure_ascii=False))
         return written
 
     def _feed_stale(self, feed: FeedInfo, changes: _Changes) -> bool:
-        """Does ``feed`` need building: its content changed, or a file of it is missing?"""
-        if (changes.any and feed.category is None) or feed.category in changes.categories:
-            return True
-        return not self.output.has_files(feed.folder, FEED_FILES)
+        """Does ``feed`` need building: a file of it is missing, or what it shows changed?
 
-    def _write_feed(self, feed: FeedInfo) -> int:
+        An article that changed matters only if the feed shows it, or showed it before
+        (then the articles shown are not the same): editing an old article rebuilds
+        its page, not feeds it dropped out of long ago.
+        """
+        if not self.output.has_files(feed.folder, FEED_FILES):
+            return True
+        if not ((changes.any and feed.category is None) or feed.category in changes.categories):
+            return False
+        paths = self.store.newest_paths(feed.category, self.config.feeds.items)
+        if not changes.pages.isdisjoint(paths):
+            return True
+        return json.dumps(paths, ensure_ascii=False) != self.store.get_meta(_SHOWN + feed.folder)
+
+    def _write_feed(self, feed: FeedInfo, shown: dict[str, list[str]]) -> int:
+        """Build ``feed`` and write its files; note the paths it shows in ``shown``."""
         articles = self.store.newest_articles(feed.category, self.config.feeds.items)
         images = self.store.cached_images(u for a in articles for u in a.images)
         documents = build_feed(feed, articles, images, self.config)
+        shown[feed.folder] = [a.path for a in articles]
         return sum(self.output.write(f"{feed.folder}/{name}", data)
                    for name, data in documents.items())
 

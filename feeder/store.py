@@ -201,17 +201,23 @@ class Store:
 
     def newest_articles(self, category: str | None, limit: int) -> list[Article]:
         """The newest ``limit`` articles of ``category`` (None: of every category)."""
+        return [_load_article(data) for (data,) in self._newest("data", category, limit)]
+
+    def newest_paths(self, category: str | None, limit: int) -> list[str]:
+        """The paths of :meth:`newest_articles`, in the same order."""
+        return [path for (path,) in self._newest("path", category, limit)]
+
+    def _newest(self, column: str, category: str | None, limit: int) -> sqlite3.Cursor:
         if category is None:
-            rows = self._db.execute(
-                "SELECT data FROM articles ORDER BY published DESC, path LIMIT ?", (limit,)
+            return self._db.execute(
+                f"SELECT a.{column} FROM articles a ORDER BY published DESC, path LIMIT ?",
+                (limit,),
             )
-        else:
-            rows = self._db.execute(
-                "SELECT a.data FROM article_categories c JOIN articles a USING (path) "
-                "WHERE c.category = ? ORDER BY c.published DESC, c.path LIMIT ?",
-                (category, limit),
-            )
-        return [_load_article(data) for (data,) in rows]
+        return self._db.execute(
+            f"SELECT a.{column} FROM article_categories c JOIN articles a USING (path) "
+            "WHERE c.category = ? ORDER BY c.published DESC, c.path LIMIT ?",
+            (category, limit),
+        )
 
     def categories(self) -> dict[str, int]:
         """Every category with its number of articles."""

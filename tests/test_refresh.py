@@ -424,6 +424,35 @@ async def test_feeds_items_limit_applies(tmp_path: Path) -> None:
     assert titles(config, "all") == ["Day 5", "Day 4"]
 
 
+async def test_feeds_follow_articles_in_and_out_of_their_newest_items(tmp_path: Path) -> None:
+    config = make_config(tmp_path, feeds={"items": 2})
+    for day in range(1, 5):
+        write_source(config, f"a{day}.md", dated(f"Day {day}", day), mtime=T0)
+    await refresh(config)
+    before = snapshot(config.paths.feeds)
+    # An old article edited: its page changes; the feeds, which do not show it, do not.
+    write_source(config, "a1.md", dated("Day 1 edited", 1), mtime=T0 + 60)
+    await refresh(config)
+    after = snapshot(config.paths.feeds)
+    assert {p for p in after if after[p] != before[p]} == {f"articles/{article_id('a1.md')}.html"}
+    # Redated out of the newest two: the next one takes its place.
+    write_source(config, "a4.md", dated("Day 4", 1), mtime=T0 + 120)
+    await refresh(config)
+    assert titles(config, "all") == titles(config, "categories/A") == ["Day 3", "Day 2"]
+    # Redated into them, and then edited there.
+    write_source(config, "a1.md", dated("Day 1 edited", 9), mtime=T0 + 180)
+    await refresh(config)
+    assert titles(config, "all") == ["Day 1 edited", "Day 3"]
+    write_source(config, "a1.md", dated("Day 1, again", 9), mtime=T0 + 240)
+    await refresh(config)
+    assert titles(config, "all") == titles(config, "categories/A") == ["Day 1, again", "Day 3"]
+    # Deleted while shown.
+    (config.paths.sources / "a1.md").unlink()
+    await refresh(config)
+    assert titles(config, "all") == ["Day 3", "Day 2"]
+    assert_all_feeds_valid(config)
+
+
 
 # Config keys that change how a source reads. Parsed articles are kept in the state
 # database, and a source is only parsed again when its file changes.
