@@ -617,12 +617,13 @@ async def _fetch_image(
     cache_dir: Path,
 ) -> ImageResult:
     """One URL, with up to ``config.attempts`` attempts on errors worth retrying."""
+    target = mirror_url(url, config)
     # The host actually requested (the mirror's, if any), by port as aiohttp counts hosts.
-    host = urlsplit(mirror_url(url, config)).netloc.lower()
+    host = urlsplit(target).netloc.lower()
     for attempt in range(config.attempts):
         try:
             async with limits.host(host), limits.overall:
-                return await _attempt(session, url, config, cache_dir)
+                return await _attempt(session, url, target, config, cache_dir)
         except ImageError as e:
             failure = FailedImage(url, e.reason, e.permanent, e.retry_after)
         log.debug("%s: attempt %d: %s", url, attempt + 1, failure.error)
@@ -636,11 +637,15 @@ async def _fetch_image(
 
 
 async def _attempt(
-    session: aiohttp.ClientSession, url: str, config: ImagesConfig, cache_dir: Path
+    session: aiohttp.ClientSession, url: str, target: str, config: ImagesConfig,
+    cache_dir: Path,
 ) -> CachedImage:
-    """One attempt, redirects included; every failure is raised as an :class:`ImageError`."""
+    """One attempt at ``url`` (requested as ``target``, its mirror URL), redirects included.
+
+    Every failure is raised as an :class:`ImageError`.
+    """
     try:
-        return await _download(session, url, config, cache_dir)
+        return await _download(session, url, target, config, cache_dir)
     except ImageError:
         raise
     except TimeoutError as e:  # aiohttp's timeouts are TimeoutErrors too
@@ -668,14 +673,13 @@ async def _attempt(
 
 
 async def _download(
-    session: aiohttp.ClientSession, url: str, config: ImagesConfig, cache_dir: Path
+    session: aiohttp.ClientSession, url: str, target: str, config: ImagesConfig,
+    cache_dir: Path,
 ) -> CachedImage:
-    """Request the mirror of ``url``, following redirects by hand, and stream it to the cache."""
-    mirror_hosts = _mirror_hosts(config)
-    target = mirror_url(url, config)
+    """Request ``target``, following redirects by hand, and stream it to the cache."""
     for _hop in range(MAX_REDIRECTS + 1):
         host = _host(target) or ""
-        if _is_ip_literal(host) and host not in mirror_hosts and not _is_public(host):
+        if _is_ip_literal(host) and host not in _mirror_hosts(config) and not _is_public(host):
             # aiohttp does not ask the resolver about a literal address
             raise ImageError(url, f"{host} is a non-public address", permanent=True)
         async with session.get(target, allow_redirects=False) as response:
