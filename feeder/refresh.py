@@ -246,15 +246,13 @@ class Refresher:
         root = self.config.paths.sources
         misnamed: list[str] = []
         found = scan_sources(root, misnamed)
-        for path in misnamed:
-            log.warning("%s: %s", path, MISNAMED)
         known = self.store.source_stats()
         parse_settings = self._parse_fingerprint()
         reparse = self.store.get_meta(_PARSE_SETTINGS) != parse_settings
         # Settings that change how a file parses: every source is parsed again.
         changed = [SourceFile(path, *stat) for path, stat in found.items()
                    if reparse or known.get(path) != stat]
-        removed = known.keys() - found.keys()
+        removed = known.keys() - found.keys() - set(misnamed)
         changes = _Changes()
         progress.start("parse", len(changed))
         with self.store.transaction():
@@ -270,11 +268,14 @@ class Refresher:
                 known_hash = self.store.source_hash(file.path) if file.path in known else None
                 self._update_source(root, file, known_hash, changes, reparse)
                 progress.advance("parse")
+            for path in misnamed:
+                if path not in known:  # refused once, as any refused file is
+                    self._refuse(SourceFile(path, 0, 0), SourceError(path, MISNAMED), changes)
             self._save_pending(changes)
             if reparse and not self._abandon.is_set():
                 self.store.set_meta(_PARSE_SETTINGS, parse_settings)
         self._check_abandoned()
-        return len(found), changes, self.store.images_to_fetch(now)
+        return len(found) + len(misnamed), changes, self.store.images_to_fetch(now)
 
     def _start_running(self) -> None:
         """Mark a refresh as running; if the last one never finished, delete its temp files."""
@@ -295,8 +296,7 @@ class Refresher:
             data = read_source(root / file.path, self.config.sources.max_bytes, file.path)
         except SourceError as e:
             data, error = b"", _reason(e)
-            changes.errors.append(str(e))
-            log.warning("%s", e)
+            self._note_refused(e, changes)
         digest = content_hash(data) if error is None else f"error:{file.size}:{file.mtime_ns}"
         if known_hash == digest and not reparse:
             self.store.touch_source(file)
@@ -307,8 +307,7 @@ class Refresher:
                 article = self.parser.parse(file.path, data, mtime)
             except SourceError as e:
                 error = _reason(e)
-                changes.errors.append(str(e))
-                log.warning("%s", e)
+                self._note_refused(e, changes)
         changes.count += 1
         if known_hash is not None:  # a new source has no old categories or page
             changes.categories |= self.store.categories_of([file.path])
@@ -320,6 +319,17 @@ class Refresher:
         elif known_hash is not None and self.store.article(file.path):
             changes.removed_pages.add(file.path)
         self.store.put_source(file, digest, article, error, article.warnings if article else ())
+
+    def _refuse(self, file: SourceFile, error: SourceError, changes: _Changes) -> None:
+        """Record a file that is never read (its name is not UTF-8) as refused."""
+        self._note_refused(error, changes)
+        changes.count += 1
+        self.store.put_source(file, f"error:{error.reason}", None, _reason(error))
+
+    @staticmethod
+    def _note_refused(error: SourceError, changes: _Changes) -> None:
+        changes.errors.append(str(error))
+        log.warning("%s", error)
 
     # -- images -----------------------------------------------------------------------
 

@@ -153,8 +153,14 @@ def test_check_names_a_file_whose_name_is_not_utf8(config_file: Path, config: Co
     assert lines(result.stdout) == [
         "\\xbb\\xa6\\xc9\\xcf.md: skipped: the file name is not UTF-8 (rename it)"]
     refreshed = run(config_file, "refresh")
-    assert f"{len(GOOD)} articles" in refreshed.stdout
+    assert f"1 failed, {len(GOOD)} articles" in refreshed.stdout
     assert "\\xbb\\xa6\\xc9\\xcf.md: skipped: the file name is not UTF-8" in caplog.text
+    assert ("failing source \\xbb\\xa6\\xc9\\xcf.md: skipped: the file name is not UTF-8"
+            in run(config_file, "status").stdout)
+    assert "1 failed" in run(config_file, "refresh").stdout  # still there, still counted
+    os.rename(gbk_name, config.paths.sources / "renamed.md")
+    assert f"0 failed, {len(GOOD) + 1} articles" in run(config_file, "refresh").stdout
+    assert "failing source" not in run(config_file, "status").stdout
 
 
 def test_check_names_a_missing_sources_folder(config_file: Path, config: Config) -> None:
