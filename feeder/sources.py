@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import reprlib
+import stat
 import uuid
 from datetime import UTC, date, datetime, time, tzinfo
 from pathlib import Path, PurePosixPath
@@ -66,13 +67,15 @@ _HTML_BLOCK_START = re.compile(rf"</?(?:{'|'.join(block_names)})(?:[ \t>]|/>|$)"
 def scan_sources(root: Path, misnamed: list[str] | None = None) -> SourceStats:
     """``(size, mtime_ns)`` of every article file under ``root`` (recursively), by path.
 
-    Dot-files and dot-folders are skipped. Paths are relative to ``root``, with ``/``.
+    Dot-files, dot-folders and what is not a regular file (a FIFO would block its
+    reader) are skipped. Paths are relative to ``root``, with ``/``.
     A path that is not UTF-8 cannot be stored, nor given an id: it is left out, and
     added to ``misnamed`` (if given) with its odd bytes escaped.
 
     Raises:
-        FeederError: a folder could not be listed. Its files are not known, so no
-            scan is returned: a refresh would take them for deleted.
+        FeederError: ``root`` does not exist, or a folder could not be listed. Its
+            files are not known, so no scan is returned: a refresh would take them for
+            deleted (an unmounted share would unpublish everything).
     """
     # Plain strings and tuples: this runs for every file on every refresh.
     found: SourceStats = {}
@@ -82,8 +85,10 @@ def scan_sources(root: Path, misnamed: list[str] | None = None) -> SourceStats:
         folder = os.path.join(root, prefix)
         try:
             entries = list(os.scandir(folder))
-        except FileNotFoundError:  # no sources/ yet, or a folder deleted while scanning
-            continue
+        except FileNotFoundError:
+            if not prefix:
+                raise FeederError(f"{root}: the sources folder does not exist") from None
+            continue  # deleted while scanning
         except OSError as e:
             raise FeederError(f"{folder}: cannot list the folder: {e.strerror}") from e
         for entry in entries:
@@ -95,7 +100,9 @@ def scan_sources(root: Path, misnamed: list[str] | None = None) -> SourceStats:
             elif name.lower().endswith(_SOURCE_ENDINGS):
                 try:
                     st = entry.stat()
-                except FileNotFoundError:  # deleted between listing and stat
+                except FileNotFoundError:  # deleted between listing and stat, or a dangling link
+                    continue
+                if not stat.S_ISREG(st.st_mode):
                     continue
                 path = prefix + name
                 if not path.isascii() and not _is_utf8(path):
@@ -124,10 +131,14 @@ def printable_path(path: str) -> str:
 def read_source(path: Path, max_bytes: int, name: str) -> bytes:
     """A source file's bytes, at most ``max_bytes + 1``: enough for the parser to refuse it."""
     try:
-        with open(path, "rb") as f:
+        # Non-blocking: a FIFO put in place of the file since the scan must not hang us.
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise SourceError(name, "not a regular file")
             # read(n) allocates n bytes first: ask for the size the file has, plus one
             # byte that shows whether it grew since, and only then for the rest.
-            wanted = min(os.fstat(f.fileno()).st_size, max_bytes) + 1
+            wanted = min(info.st_size, max_bytes) + 1
             data = f.read(wanted)
             if len(data) == wanted <= max_bytes:
                 data += f.read(max_bytes + 1 - wanted)

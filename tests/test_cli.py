@@ -110,6 +110,7 @@ def test_refresh_finds_config_in_environment(tmp_path: Path, config_file: Path,
 
 
 def test_refresh_of_empty_folder(config_file: Path, config: Config) -> None:
+    config.paths.sources.mkdir()
     result = run(config_file, "refresh")
     assert result.exit_code == 0
     assert "0 files scanned" in result.stdout

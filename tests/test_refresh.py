@@ -284,6 +284,19 @@ async def test_a_folder_that_cannot_be_listed_fails_the_refresh_and_loses_nothin
     assert (await refresh(config)).changed == 0  # the failed refresh changed nothing
 
 
+async def test_a_missing_sources_folder_fails_the_refresh_and_unpublishes_nothing(
+        config: Config) -> None:
+    write_source(config, "a.md", dated("A1", 1), mtime=T0)
+    await refresh(config)
+    before = snapshot(config.paths.feeds)
+    away = config.paths.sources.rename(config.paths.sources.with_name("away"))  # unmounted
+    with pytest.raises(FeederError, match="sources: the sources folder does not exist"):
+        await refresh(config)
+    assert snapshot(config.paths.feeds) == before
+    away.rename(config.paths.sources)
+    assert (await refresh(config)).changed == 0
+
+
 async def test_touched_but_unchanged_file_is_not_reparsed(config: Config) -> None:
     source = write_source(config, "a.md", dated("A1", 1), mtime=T0)
     await refresh(config)

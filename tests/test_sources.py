@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from markdown_it import MarkdownIt
 
 import feeder.sources
 from feeder.config import Config
-from feeder.exceptions import SourceError
+from feeder.exceptions import FeederError, SourceError
 from feeder.feeds import FeedInfo, build_feed
 from feeder.images import extract_image_urls, is_allowed
 from feeder.sources import (
@@ -563,8 +564,39 @@ def test_scan_leaves_out_a_path_that_is_not_utf8(config: Config) -> None:
     assert sorted(misnamed) == ["\\xb8\\xdf/b.md", "\\xd6\\xd0\\xce\\xc4.md"]
 
 
-def test_scan_of_missing_folder_is_empty(tmp_path: Path) -> None:
-    assert scan_sources(tmp_path / "nowhere") == {}
+def test_scan_of_a_missing_folder_is_an_error_not_an_empty_folder(tmp_path: Path) -> None:
+    with pytest.raises(FeederError, match="nowhere: the sources folder does not exist"):
+        scan_sources(tmp_path / "nowhere")
+
+
+def test_scan_skips_what_is_not_a_regular_file(config: Config) -> None:
+    write_source(config, "a.md", front("title: a"))
+    os.mkfifo(config.paths.sources / "fifo.md")
+    (config.paths.sources / "dangling.md").symlink_to("nowhere.md")
+    (config.paths.sources / "linked.md").symlink_to("a.md")
+    assert set(scan_sources(config.paths.sources)) == {"a.md", "linked.md"}
+
+
+def test_reading_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.md"
+    os.mkfifo(fifo)
+    outcome: list[BaseException | bytes] = []
+
+    def read() -> None:
+        try:
+            outcome.append(read_source(fifo, 1000, "fifo.md"))
+        except SourceError as e:
+            outcome.append(e)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(5)
+    if reader.is_alive():  # blocked until a writer comes: be one, so the thread ends
+        with open(fifo, "wb"):
+            pass
+        reader.join(5)
+    assert len(outcome) == 1
+    assert str(outcome[0]) == "fifo.md: not a regular file"
 
 
 def test_parse_date_rejects_non_dates(config: Config) -> None:
