@@ -11,6 +11,7 @@ import html
 import json
 import math
 import unicodedata
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,8 +33,14 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 FEED_FILES = ("rss.xml", "atom.xml", "feed.json")
 #: Bump when the same articles and settings give other files (slugs, templates, formats):
 #: the next refresh rebuilds everything, so no page keeps a link to a moved feed.
-OUTPUT_VERSION = 2
+OUTPUT_VERSION = 3
 CATEGORIES_FOLDER = "categories"
+ARTICLES_FOLDER = "articles"
+#: Longest slug made from a name, in characters: a folder name has at most 255 bytes,
+#: a suffix may follow, and a URL of 1,000 characters helps no one.
+MAX_SLUG_CHARS = 64
+#: Hex digits of a name's hash that tell slugs apart, tried in turn (then all 40).
+_SUFFIX_DIGITS = (6, 12)
 
 
 @dataclass(frozen=True)
@@ -83,14 +90,15 @@ def category_folder(slug: str) -> str:
 
 def article_page_path(article_id: str) -> str:
     """Where an article's page lands under ``feeds/``."""
-    return f"articles/{article_id}.html"
+    return f"{ARTICLES_FOLDER}/{article_id}.html"
 
 
 def slugify(name: str) -> str:
     """A path-safe slug: letters and digits kept (case too), other runs become ``-``.
 
     The name is NFC-normalized first, and combining marks are kept (``हिन्दी`` keeps
-    its vowel signs) unless they start the slug or follow a separator.
+    its vowel signs) unless they start the slug or follow a separator. A slug longer
+    than :data:`MAX_SLUG_CHARS` is cut, and ends with a hash of the whole name.
     """
     kept: list[str] = []
     for char in unicodedata.normalize("NFC", name):
@@ -99,19 +107,28 @@ def slugify(name: str) -> str:
         elif kept and kept[-1] != "-":
             kept.append("-")
     slug = "".join(kept).strip("-")
+    if len(slug) > MAX_SLUG_CHARS:
+        return slug[: MAX_SLUG_CHARS - 7].rstrip("-") + "-" + _short_hash(name)
     return slug or "c-" + _short_hash(name)
 
 
 def category_slugs(categories: Iterable[str], overrides: Mapping[str, str]) -> dict[str, str]:
-    """Slug of each category; two categories sharing a slug both get a hash suffix."""
-    slugs = {name: overrides.get(name) or slugify(name) for name in categories}
-    count: dict[str, int] = {}
-    for slug in slugs.values():
-        count[slug] = count.get(slug, 0) + 1
-    return {
-        name: f"{slug}-{_short_hash(name)}" if count[slug] > 1 else slug
-        for name, slug in slugs.items()
-    }
+    """Slug of each category, each its own folder on any file system.
+
+    Categories sharing a slug, or whose slugs differ only in case, all get a suffix:
+    a hash of the name, long enough not to be another category's slug.
+    """
+    wanted = {name: overrides.get(name) or slugify(name) for name in categories}
+    count = Counter(slug.casefold() for slug in wanted.values())
+    slugs = {name: slug for name, slug in wanted.items() if count[slug.casefold()] == 1}
+    taken = {slug.casefold() for slug in slugs.values()}
+    for name in sorted(wanted.keys() - slugs.keys()):
+        digest = hashlib.sha1(name.encode("utf-8")).hexdigest()
+        candidates = [f"{wanted[name]}-{digest[:n]}" for n in (*_SUFFIX_DIGITS, len(digest))]
+        slug = next((c for c in candidates if c.casefold() not in taken), candidates[-1])
+        slugs[name] = slug
+        taken.add(slug.casefold())
+    return slugs
 
 
 def feed_infos(config: Config, slugs: Mapping[str, str]) -> list[FeedInfo]:
@@ -296,7 +313,7 @@ def _rfc3339(value: datetime) -> str:
 
 
 def _short_hash(name: str) -> str:
-    return hashlib.sha1(name.encode("utf-8")).hexdigest()[:6]
+    return hashlib.sha1(name.encode("utf-8")).hexdigest()[: _SUFFIX_DIGITS[0]]
 
 
 class _EnclosureExtension(BaseExtension):

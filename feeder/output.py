@@ -95,6 +95,9 @@ class OutputFolder:
         base = self._target(folder) if folder else self._prefix
         return all(os.path.isfile(os.path.join(base, name)) for name in names)
 
+    def has_folder(self, relative: str) -> bool:
+        return os.path.isdir(self._target(relative))
+
     def remove(self, relative: str) -> bool:
         """Delete a file or folder; True if something was there."""
         target = self.path(relative)

@@ -26,6 +26,7 @@ from feeder import __version__
 from feeder.config import Config
 from feeder.exceptions import LockedError, RefreshAbandoned, SourceError
 from feeder.feeds import (
+    ARTICLES_FOLDER,
     CATEGORIES_FOLDER,
     FEED_FILES,
     OUTPUT_VERSION,
@@ -66,6 +67,8 @@ _RUNNING = "refresh_running"
 _PARSE_SETTINGS = "parse_settings"
 #: Meta key prefix (then a feed's folder) of the paths its last build showed, newest first.
 _SHOWN = "shown:"
+#: Meta key of each category's slug when feeds were last written.
+_SLUGS = "slugs"
 #: Files at the top of ``feeds/`` that list every feed.
 _INDEX_FILES = ("index.opml", "index.html")
 
@@ -387,8 +390,13 @@ class Refresher:
         feeds = feed_infos(self.config, slugs)
         fingerprint = self._fingerprint()
         everything = self.store.get_meta("fingerprint") != fingerprint
-        if everything:
+        stored_slugs = self.store.get_meta(_SLUGS)
+        old_slugs = json.loads(stored_slugs) if stored_slugs else {}
+        if everything or not self.output.has_folder(ARTICLES_FOLDER):  # or it was deleted
             changes.pages |= set(self.store.article_paths())
+        else:  # a new category can take another's slug: its pages must link the new one
+            moved = [c for c, slug in slugs.items() if old_slugs.get(c, slug) != slug]
+            changes.pages |= self.store.paths_in_categories(moved)
         stale = [f for f in feeds if everything or self._feed_stale(f, changes)]
         progress.start("write", len(stale) + len(changes.pages))
         written = 0
@@ -413,10 +421,11 @@ class Refresher:
                     self.store.delete_meta(_SHOWN + category_folder(slug))
             written += self.output.write("index.opml", build_opml(feeds, self.config))
             written += self.output.write("index.html", build_index(feeds, counts, self.config))
-        if everything or pending or shown:
+        if everything or pending or shown or slugs != old_slugs:
             with self.store.transaction():
                 self.store.set_meta("fingerprint", fingerprint)
                 self.store.delete_meta(_PENDING)
+                self.store.set_meta(_SLUGS, json.dumps(slugs, ensure_ascii=False))
                 for folder, paths in shown.items():
                     self.store.set_meta(_SHOWN + folder, json.dumps(paths, ensure_ascii=False))
         return written

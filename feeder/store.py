@@ -226,6 +226,16 @@ class Store:
         )
         return dict(rows.fetchall())
 
+    def paths_in_categories(self, categories: Iterable[str]) -> set[str]:
+        """Paths of the articles in any of ``categories``."""
+        found: set[str] = set()
+        for category in categories:
+            rows = self._db.execute(
+                "SELECT path FROM article_categories WHERE category = ?", (category,)
+            )
+            found.update(p for (p,) in rows)
+        return found
+
     def categories_of(self, paths: Iterable[str]) -> set[str]:
         found: set[str] = set()
         for path in paths:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import feedparser
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from lxml import etree
 
 from feeder.config import Config
@@ -103,6 +105,40 @@ def test_slug_overrides_from_config() -> None:
 def test_override_colliding_with_a_derived_slug_is_disambiguated() -> None:
     slugs = category_slugs(["金融", "finance"], {"金融": "finance"})
     assert len(set(slugs.values())) == 2
+
+
+def test_a_hash_suffix_never_lands_on_another_category_s_slug() -> None:
+    # "C" and "C#" share the slug "C"; "C"'s 6-digit suffix would give "C-32096c".
+    assert "C-" + hashlib.sha1(b"C").hexdigest()[:6] == "C-32096c"
+    slugs = category_slugs(["C", "C#", "C-32096c"], {})
+    assert slugs["C-32096c"] == "C-32096c"
+    assert slugs["C"] == "C-" + hashlib.sha1(b"C").hexdigest()[:12]
+    assert len(set(slugs.values())) == 3
+
+
+def test_slugs_differing_only_in_case_both_get_a_suffix() -> None:
+    slugs = category_slugs(["News", "news", "金融"], {})
+    assert len({slug.casefold() for slug in slugs.values()}) == 3
+    assert slugs["金融"] == "金融"
+
+
+def test_a_long_name_gets_a_short_slug_of_its_own() -> None:
+    names = ["a" * 300, "a" * 299, "长" * 200]
+    slugs = category_slugs(names, {})
+    assert len(set(slugs.values())) == 3
+    assert all(len(slug) <= 64 for slug in slugs.values())
+    assert slugs["a" * 300].startswith("a" * 50)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(min_size=1, max_size=300), max_size=12, unique=True))
+def test_every_category_gets_its_own_safe_folder(names: list[str]) -> None:
+    slugs = category_slugs(names, {})
+    assert len({slug.casefold() for slug in slugs.values()}) == len(names)
+    for slug in slugs.values():
+        assert 0 < len(slug.encode("utf-8")) <= 255
+        assert not slug.startswith(".")
+        assert not set(slug) & {"/", "\\", "\0"}
 
 
 # -- documents --------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import unquote
 from xml.etree import ElementTree
 
 import feedparser
@@ -256,6 +257,17 @@ async def test_a_deleted_feed_or_index_file_comes_back(config: Config) -> None:
     assert all(after[name] == before[name] for name in after.keys() - gone)  # untouched
 
 
+async def test_a_deleted_pages_folder_comes_back(config: Config) -> None:
+    write_source(config, "a.md", dated("A1", 1), mtime=T0)
+    write_source(config, "b.md", dated("B1", 2), mtime=T0)
+    await refresh(config)
+    before = snapshot(config.paths.feeds)
+    shutil.rmtree(config.paths.feeds / "articles")
+    assert (await refresh(config)).written == 2
+    assert {name: data for name, (_, data) in snapshot(config.paths.feeds).items()} == {
+        name: data for name, (_, data) in before.items()}
+
+
 def test_output_folder_refuses_paths_outside_it(tmp_path: Path) -> None:
     output = OutputFolder(tmp_path / "feeds")
     output.write("kept.xml", b"x")
@@ -344,6 +356,41 @@ async def test_category_that_loses_its_last_article_is_removed(config: Config) -
     assert titles(config, "categories/A") == ["B1", "A1"]
     index = (config.paths.feeds / "index.html").read_text(encoding="utf-8")
     assert "Lonely" not in index
+
+
+def linked_feed_files(config: Config, page: str) -> list[str]:
+    """The files under ``feeds/`` that an article page links to."""
+    root = lxml.html.fromstring((config.paths.feeds / page).read_bytes())
+    prefix = f"{config.site.base_url}/feeds/"
+    return [unquote(href.removeprefix(prefix)) for href in root.xpath("//a/@href")
+            if href.startswith(prefix)]
+
+
+async def test_a_page_follows_its_category_feed_to_a_new_slug(config: Config) -> None:
+    write_source(config, "cpp.md", dated("C++ 1", 1, "C++"), mtime=T0)
+    await refresh(config)
+    page = article_page_path(article_id("cpp.md"))
+    assert linked_feed_files(config, page) == ["categories/C/rss.xml"]
+    # "C#" slugs to "C" too: both now get a suffix, and "C++"'s feed moves.
+    write_source(config, "cs.md", dated("C# 1", 2, "C#"), mtime=T0)
+    await refresh(config)
+    [moved] = linked_feed_files(config, page)
+    assert moved != "categories/C/rss.xml"
+    assert (config.paths.feeds / moved).is_file()
+    assert not (config.paths.feeds / "categories" / "C").exists()
+
+
+async def test_a_category_too_long_for_a_folder_name_is_published(config: Config) -> None:
+    write_source(config, "long.md", dated("Long", 1, ["长" * 200, "a" * 300]))
+    write_source(config, "short.md", dated("Short", 2, "fresh"))
+    summary = await refresh(config)
+    assert (summary.articles, summary.failed) == (2, 0)
+    categories = feed(config, "all").entries[1].tags
+    assert len(categories) == 2
+    assert titles(config, "categories/fresh") == ["Short"]
+    for path in linked_feed_files(config, article_page_path(article_id("long.md"))):
+        assert (config.paths.feeds / path).is_file()
+    assert_all_feeds_valid(config)
 
 
 async def test_older_article_added_later_comes_after_newer_ones(config: Config) -> None:
