@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import reprlib
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,6 +140,23 @@ _SECTIONS: dict[str, type] = {
     "images": ImagesConfig,
 }
 _DEFAULT_PATHS = {"sources": "sources", "feeds": "feeds", "cache": "cache", "state": "state"}
+#: Folders feeder deletes files in (``gc``, a refresh): neither may hold the config file.
+_EMPTIED_PATHS = ("feeds", "cache")
+
+#: Largest value of a number setting not named in :data:`_MAXIMUM`: what SQLite holds.
+_LARGEST = 2**63 - 1
+#: Largest sensible value of number settings; every number must also be above 0.
+_MAXIMUM: dict[str, int] = {
+    "server.port": 65535,
+    "schedule.interval": 365 * 24 * 3600,  # a year
+    "images.deadline": 24 * 3600,
+    "images.timeout": 24 * 3600,
+}
+#: Longest slug from ``feeds.slugs``, in characters and in UTF-8 bytes (a file name's limit).
+_SLUG_MAX_CHARS = 100
+_SLUG_MAX_BYTES = 255
+#: Characters a slug may not hold: path separators, and what DESIGN.md keeps out of URLs.
+_SLUG_FORBIDDEN = "/\\%#?"
 
 
 def config_path(given: str | os.PathLike[str] | None) -> Path:
@@ -158,7 +177,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         raise ConfigError("", f"{file}: cannot read: {e}") from e
     try:
         raw = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: a date like 2022-02-30
         raise ConfigError("", f"{file}: invalid YAML: {e}") from e
     return config_from_dict(raw or {}, file.resolve().parent)
 
@@ -177,8 +196,11 @@ def config_from_dict(raw: Any, root: Path) -> Config:
     sections["site"] = dataclasses.replace(
         sections["site"], base_url=sections["site"].base_url.rstrip("/")
     )
+    sections["feeds"] = dataclasses.replace(
+        sections["feeds"], default_category=_category_name(sections["feeds"].default_category)
+    )
     config = Config(**sections)
-    _check(config)
+    _check(config, root.resolve())
     return config
 
 
@@ -186,7 +208,7 @@ def _build_section(name: str, cls: type, raw: dict[str, Any], root: Path) -> Any
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
-            raise ConfigError(f"{name}.{key}", f"unknown key (known: {', '.join(fields)})")
+            raise ConfigError(_dotted(name, key), f"unknown key (known: {', '.join(fields)})")
     values: dict[str, Any] = {}
     if cls is PathsConfig:
         for key, default in _DEFAULT_PATHS.items():
@@ -203,11 +225,17 @@ def _build_section(name: str, cls: type, raw: dict[str, Any], root: Path) -> Any
         if isinstance(default, bool):
             _expect(value, bool, dotted, "true or false")
         elif isinstance(default, int):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(dotted, f"must be a positive whole number, not {value!r}")
+            largest = _MAXIMUM.get(dotted, _LARGEST)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= largest:
+                raise ConfigError(dotted, f"must be a whole number from 1 to {_shown(largest)}, "
+                                          f"not {reprlib.repr(value)}")
         elif isinstance(default, float):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(dotted, f"must be a positive number, not {value!r}")
+            largest = _MAXIMUM.get(dotted, _LARGEST)
+            # Compared before float(): a huge YAML int overflows it. NaN fails any comparison.
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not 0 < value <= largest):
+                raise ConfigError(dotted, f"must be a finite number above 0 and at most "
+                                          f"{_shown(largest)}, not {reprlib.repr(value)}")
             value = float(value)
         elif isinstance(default, str):
             _expect(value, str, dotted, "a string")
@@ -221,31 +249,114 @@ def _build_section(name: str, cls: type, raw: dict[str, Any], root: Path) -> Any
         elif isinstance(default, dict):
             _expect(value, dict, dotted, "a mapping of strings to strings")
             for k, v in value.items():
-                _expect(v, str, f"{dotted}.{k}", "a string")
+                _expect(v, str, _dotted(dotted, k), "a string")
             value = {str(k): v for k, v in value.items()}
         values[key] = value
     return cls(**values)
 
 
-def _check(config: Config) -> None:
-    """Cross-field checks that a type alone cannot express."""
+def _check(config: Config, root: Path) -> None:
+    """Cross-field checks that a type alone cannot express; ``root``: the config's folder."""
+    _check_paths(config.paths, root)
     try:
         ZoneInfo(config.site.timezone)
     except (ZoneInfoNotFoundError, ValueError) as e:
         raise ConfigError("site.timezone", f"unknown time zone {config.site.timezone!r}") from e
-    base = urlsplit(config.site.base_url)
-    if base.scheme not in ("http", "https") or not base.netloc:
-        raise ConfigError("site.base_url", "must be an absolute http(s) URL")
-    if not 0 < config.server.port < 65536:
-        raise ConfigError("server.port", "must be between 1 and 65535")
+    _check_url("site.base_url", config.site.base_url)
     for origin, mirror in config.images.origins.items():
-        for key, url in ((origin, origin), (origin, mirror)):
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise ConfigError(f"images.origins.{key}", f"{url!r} is not an absolute URL")
+        _check_url(_dotted("images.origins", origin), origin)
+        _check_url(_dotted("images.origins", origin), mirror)
     for name, slug in config.feeds.slugs.items():
-        if not slug or "/" in slug or slug.startswith(".") or any(c in slug for c in "%#?\\"):
-            raise ConfigError(f"feeds.slugs.{name}", f"{slug!r} is not a safe slug")
+        if problem := _slug_problem(slug):
+            raise ConfigError(_dotted("feeds.slugs", name), f"{slug!r} is not a safe slug: "
+                                                            f"{problem}")
+
+
+def _check_paths(paths: PathsConfig, root: Path) -> None:
+    """Refuse folders that overlap, as ``gc`` would delete sources kept in the cache.
+
+    Paths are compared as resolved (symlinks followed), part by part.
+    """
+    folders = [(f"paths.{key}", getattr(paths, key)) for key in _DEFAULT_PATHS]
+    for i, (key, folder) in enumerate(folders):
+        for other_key, other in folders[:i]:
+            if folder.is_relative_to(other) or other.is_relative_to(folder):
+                raise ConfigError(key, f"must not be {other_key} or inside/around it "
+                                       f"({folder} and {other})")
+    for key in _EMPTIED_PATHS:
+        folder = getattr(paths, key)
+        if root.is_relative_to(folder):
+            raise ConfigError(f"paths.{key}", f"must not be the config file's folder or "
+                                              f"around it ({folder})")
+
+
+def _check_url(key: str, url: str) -> None:
+    """Refuse anything but an absolute http(s) URL with a host and a usable port."""
+    if any(c.isspace() or _is_control(c) for c in url):
+        raise ConfigError(key, f"{url!r} is not an absolute http(s) URL: "
+                               "it holds whitespace or a control character")
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError for a port out of range or not a number
+    except ValueError as e:
+        raise ConfigError(key, f"{url!r} is not an absolute http(s) URL: {e}") from e
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(key, f"{url!r} is not an absolute http(s) URL")
+    if port == 0:
+        raise ConfigError(key, f"{url!r} is not an absolute http(s) URL: port 0")
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise ConfigError(key, f"{url!r} is not an absolute http(s) URL: "
+                               "it has a query or fragment, which would end every link")
+
+
+def _category_name(name: str) -> str:
+    """``feeds.default_category`` as sources' category names are: one line, spaces collapsed."""
+    if any(_is_control(c) or c in "\ufffe\uffff" for c in name):
+        raise ConfigError("feeds.default_category", f"{name!r} holds a control character "
+                                                    "or one XML forbids")
+    collapsed = " ".join(name.split())
+    if not collapsed:
+        raise ConfigError("feeds.default_category", "must not be empty")
+    return collapsed
+
+
+def _slug_problem(slug: str) -> str | None:
+    """Why ``slug`` cannot be one folder name in a feed's URL; None if it can.
+
+    :func:`feeder.feeds.slugify` makes only letters, digits, marks and ``-``; a
+    slug given in config may hold more (spaces, ``.`` inside), never a second
+    path segment, a hidden folder or a character a URL or file name chokes on.
+    """
+    if not slug.strip(" "):
+        return "empty"
+    if slug.startswith("."):
+        return "starts with a dot"
+    if slug != slug.strip(" "):
+        return "starts or ends with a space"
+    if any(c in _SLUG_FORBIDDEN for c in slug):
+        return f"holds one of {' '.join(_SLUG_FORBIDDEN)}"
+    if any(_is_control(c) or (c.isspace() and c != " ") for c in slug):
+        return "holds a control character or whitespace other than a space"
+    if len(slug) > _SLUG_MAX_CHARS or len(slug.encode("utf-8")) > _SLUG_MAX_BYTES:
+        return f"longer than {_SLUG_MAX_CHARS} characters or {_SLUG_MAX_BYTES} bytes"
+    return None
+
+
+def _shown(largest: int) -> str:
+    return "2**63 - 1" if largest == _LARGEST else str(largest)
+
+
+def _is_control(char: str) -> bool:
+    """C0, DEL, C1 (NUL, tab and newline included), or a lone surrogate."""
+    return unicodedata.category(char) in ("Cc", "Cs")
+
+
+def _dotted(section: str, key: Any) -> str:
+    """``section.key``; an odd key (newline, control character) in its quoted form."""
+    text = str(key)
+    if any(_is_control(c) or (c.isspace() and c != " ") for c in text):
+        text = repr(text)
+    return f"{section}.{text}"
 
 
 def _expect(value: Any, kind: type, key: str, what: str) -> None:
