@@ -152,9 +152,10 @@ _MAXIMUM: dict[str, int] = {
     "images.deadline": 24 * 3600,
     "images.timeout": 24 * 3600,
 }
-#: Longest slug from ``feeds.slugs``, in characters and in UTF-8 bytes (a file name's limit).
+#: Longest slug from ``feeds.slugs``, in characters and in UTF-8 bytes: a file name has at
+#: most 255, and a slug two categories share gets a suffix of up to 41 characters.
 _SLUG_MAX_CHARS = 100
-_SLUG_MAX_BYTES = 255
+_SLUG_MAX_BYTES = 200
 #: Characters a slug may not hold: path separators, and what DESIGN.md keeps out of URLs.
 _SLUG_FORBIDDEN = "/\\%#?"
 

@@ -130,6 +130,15 @@ def test_a_long_name_gets_a_short_slug_of_its_own() -> None:
     assert slugs["a" * 300].startswith("a" * 50)
 
 
+def test_the_longest_slug_config_allows_still_fits_a_folder_name_when_shared(
+        tmp_path: Path) -> None:
+    longest = "长" * 66  # 198 bytes: feeds.slugs allows up to 200
+    config = make_config(tmp_path, feeds={"slugs": {"a": longest, "b": longest}})
+    slugs = category_slugs(["a", "b"], config.feeds.slugs)
+    assert len(set(slugs.values())) == 2
+    assert all(len(slug.encode("utf-8")) <= 255 for slug in slugs.values())
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.text(min_size=1, max_size=300), max_size=12, unique=True))
 def test_every_category_gets_its_own_safe_folder(names: list[str]) -> None:
