@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -22,7 +23,7 @@ from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from feeder.config import Config
-from feeder.exceptions import FeederError, LockedError, RefreshAbandoned
+from feeder.exceptions import DaemonRunningError, FeederError, LockedError, RefreshAbandoned
 from feeder.refresh import Refresher, RefreshLock, RefreshSummary, open_refresher
 from feeder.web import make_app
 
@@ -37,6 +38,8 @@ _WATCH_DEBOUNCE_MS = 1000
 _STOP_TIMEOUT = 3.0
 #: Seconds between two tries of a lock another process holds.
 _LOCK_POLL_SECONDS = 0.2
+#: The lock file in paths.state a daemon holds for its whole life (not the refresh lock).
+DAEMON_LOCK_NAME = "daemon.lock"
 _DAEMON_KEY = web.AppKey("daemon", "Daemon")
 
 
@@ -279,10 +282,47 @@ async def ask_daemon(config: Config, method: str, path: str) -> dict[str, Any] |
 # -- running --------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def hold_daemon_lock(config: Config) -> Iterator[None]:
+    """Hold ``paths.state/daemon.lock`` for a ``with`` block: one daemon per state folder.
+
+    Taken at once or not at all, before the control socket is touched: only its
+    holder may replace a stale socket, so two daemons started at the same instant
+    never both run. The lock goes with the process, however it ends.
+
+    Raises:
+        DaemonRunningError: another daemon holds it.
+    """
+    path = config.paths.state / DAEMON_LOCK_NAME
+    config.paths.state.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip()
+            pid = f"pid {holder}, " if holder.isdigit() else ""
+            raise DaemonRunningError(
+                f"a daemon is already running ({pid}lock {path} is held)") from None
+        os.ftruncate(fd, 0)  # for the message above, in the daemon started next
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 async def run_daemon(config: Config) -> None:
-    """Serve and refresh until SIGTERM or SIGINT; then stop cleanly."""
-    if await ask_daemon(config, "GET", "/status") is not None:
-        raise FeederError(f"a daemon is already running (socket {config.control_socket})")
+    """Serve and refresh until SIGTERM or SIGINT; then stop cleanly.
+
+    Raises:
+        DaemonRunningError: another daemon runs on the same ``paths.state``.
+    """
+    with hold_daemon_lock(config):
+        await _serve_and_refresh(config)
+
+
+async def _serve_and_refresh(config: Config) -> None:
+    """The daemon's life, once it holds the daemon lock."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -62,5 +62,9 @@ class LockedError(FeederError):
     """Another process holds the refresh lock."""
 
 
+class DaemonRunningError(FeederError):
+    """Another daemon holds the daemon lock of this ``paths.state``."""
+
+
 class RefreshAbandoned(FeederError):
     """A refresh was stopped part-way (shutdown); what it had done is kept."""

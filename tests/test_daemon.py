@@ -38,10 +38,10 @@ import pytest
 import yaml
 from multidict import CIMultiDict
 
-from feeder.daemon import Daemon
-from feeder.exceptions import RefreshAbandoned
+from feeder.daemon import Daemon, run_daemon
+from feeder.exceptions import DaemonRunningError, RefreshAbandoned
 from feeder.refresh import open_refresher
-from tests.conftest import make_config, write_source
+from tests.conftest import make_config, write_config_file, write_source
 from tests.imageserver import PNG, ImageServer, hang, image, png_of_size
 
 _REPO = Path(__file__).resolve().parents[1]
@@ -622,6 +622,55 @@ async def test_watch_publishes_a_new_file_without_any_command(start_daemon: Star
         rss = await daemon.get("/feeds/all/rss.xml")
         titles = [entry.title for entry in feedparser.parse(rss.body).entries]
     assert await daemon.refreshes() > before
+
+
+async def run_cli(config_file: Path, *args: str) -> CliResult:
+    """Run ``feeder -c CONFIG_FILE ARGS`` to the end, with no daemon fixture around."""
+    return await finish(await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "feeder", "-c", str(config_file), *args,
+        cwd=config_file.parent, env=_env(), stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    ))
+
+
+async def test_two_daemons_started_at_once_on_one_state_leave_one_running(tmp_path: Path):
+    """Two daemons (other ports, same paths.state) start before either made its socket.
+
+    Both run in this event loop, so the second one starts while the first is still
+    setting up: deciding from the socket, both ran and the second took the socket.
+    """
+    write_article(tmp_path / "sources", "a.md", "An article")
+    configs = [make_config(tmp_path, server={"port": _free_port()}) for _ in range(2)]
+    config_file = write_config_file(tmp_path)  # the same paths.state, for the commands
+    tasks = [asyncio.create_task(run_daemon(config)) for config in configs]
+    try:
+        done, running = await asyncio.wait(tasks, timeout=5,
+                                           return_when=asyncio.FIRST_COMPLETED)
+        assert (len(done), len(running)) == (1, 1), "both daemons kept running"
+        [refused], [survivor] = done, running
+        with pytest.raises(DaemonRunningError,
+                           match=rf"^a daemon is already running \(pid {os.getpid()}, "
+                                 r"lock .*/state/daemon\.lock is held\)$"):
+            refused.result()
+
+        refresh = await run_cli(config_file, "refresh")
+        assert refresh.returncode == 0, refresh
+        assert refresh.stdout.startswith("daemon: "), refresh
+        assert "1 articles" in refresh.stdout
+        status = await run_cli(config_file, "status")
+        assert status.stdout.startswith(f"daemon: running (pid {os.getpid()},"), status
+        third = await run_cli(config_file, "run")
+        assert third.returncode == 1, third
+        assert third.stderr.startswith("Error: a daemon is already running"), third
+        assert "Traceback" not in third.stderr
+
+        os.kill(os.getpid(), signal.SIGTERM)  # the survivor's handler: it stops cleanly
+        await asyncio.wait_for(survivor, 5)
+        assert not (tmp_path / "state" / "control.sock").exists()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 # -- shutting down --------------------------------------------------------------------------
