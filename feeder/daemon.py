@@ -13,6 +13,7 @@ import fcntl
 import logging
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,7 +24,13 @@ from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from feeder.config import Config
-from feeder.exceptions import DaemonRunningError, FeederError, LockedError, RefreshAbandoned
+from feeder.exceptions import (
+    DaemonRunningError,
+    FeederError,
+    LockedError,
+    RefreshAbandoned,
+    path_error,
+)
 from feeder.refresh import Refresher, RefreshLock, RefreshSummary, open_refresher
 from feeder.web import make_app
 
@@ -180,9 +187,9 @@ class Daemon:
             future.set_exception(e)
             return
         except Exception as e:  # a failed refresh never stops the daemon
-            log.exception("refresh failed")
-            self.monitor.record(RefreshRecord(datetime.now(UTC), None, f"{e}"))
-            future.set_exception(FeederError(f"refresh failed: {e}"))
+            reason = self._log_failure(e)
+            self.monitor.record(RefreshRecord(datetime.now(UTC), None, reason))
+            future.set_exception(FeederError(f"refresh failed: {reason}"))
             return
         except asyncio.CancelledError:  # a shutdown: waiting clients still get an answer
             future.set_exception(RefreshAbandoned("daemon stopped"))
@@ -192,6 +199,19 @@ class Daemon:
         log.info("refresh: %s", summary.line())
         self.monitor.record(RefreshRecord(datetime.now(UTC), summary))
         future.set_result(summary)
+
+    def _log_failure(self, error: Exception) -> str:
+        """Log a failed refresh; why it failed, in one line.
+
+        A file the user controls (feeds/ is a file, no permission) is one line naming
+        it; anything else is a bug, logged with its traceback.
+        """
+        known = path_error(error, self.config) if isinstance(error, OSError) else None
+        if known is None:
+            log.error("refresh failed", exc_info=error)
+            return str(error)
+        log.error("refresh failed: %s", known)
+        return str(known)
 
     async def _acquire_lock(self) -> None:
         """Wait for the refresh lock without parking a thread in flock(): cancellable."""
@@ -358,13 +378,21 @@ async def _serving(config: Config, daemon: Daemon) -> AsyncIterator[None]:
     control_runner = web.AppRunner(make_control_app(daemon), access_log=None)
     await web_runner.setup()
     await control_runner.setup()
+    host, port, sock = config.server.host, config.server.port, config.control_socket
     try:
-        await web.TCPSite(web_runner, config.server.host, config.server.port).start()
+        try:
+            await web.TCPSite(web_runner, host, port).start()
+        except OSError as e:
+            keys = "server.host" if isinstance(e, socket.gaierror) else "server.host/server.port"
+            raise FeederError(f"cannot listen on {host}:{port} ({keys}): {_reason(e)}") from e
         config.paths.state.mkdir(parents=True, exist_ok=True)
-        config.control_socket.unlink(missing_ok=True)
+        sock.unlink(missing_ok=True)
         old_umask = os.umask(0o177)  # the socket is born 0600: file permissions guard it
         try:
-            await web.UnixSite(control_runner, str(config.control_socket)).start()
+            await web.UnixSite(control_runner, str(sock)).start()
+        except OSError as e:
+            raise FeederError(
+                f"cannot make the control socket {sock} (paths.state): {_reason(e)}") from e
         finally:
             os.umask(old_umask)
         yield
@@ -372,3 +400,11 @@ async def _serving(config: Config, daemon: Daemon) -> AsyncIterator[None]:
         await control_runner.cleanup()
         await web_runner.cleanup()
         config.control_socket.unlink(missing_ok=True)
+
+
+def _reason(error: OSError) -> str:
+    """What the system said (``address already in use``), without what asyncio adds."""
+    if error.errno is None:  # AF_UNIX path too long
+        return str(error)
+    text = error.strerror if isinstance(error, socket.gaierror) else os.strerror(error.errno)
+    return (text or str(error)).lower()

@@ -21,6 +21,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -671,6 +672,70 @@ async def test_two_daemons_started_at_once_on_one_state_leave_one_running(tmp_pa
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_run_names_a_port_in_use(tmp_path: Path):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config_file = write_config_file(tmp_path, server={"host": "127.0.0.1", "port": port})
+        result = await run_cli(config_file, "run")
+    assert result.returncode == 1, result
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: cannot listen on 127.0.0.1:{port} (server.host/server.port): "
+        "address already in use")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "state" / "control.sock").exists()
+
+
+async def test_run_names_a_host_that_does_not_resolve(tmp_path: Path):
+    port = _free_port()
+    config_file = write_config_file(tmp_path, server={"host": "no-such-host.invalid",
+                                                      "port": port})
+    result = await run_cli(config_file, "run")
+    assert result.returncode == 1, result
+    assert result.stderr.splitlines()[-1].startswith(
+        f"Error: cannot listen on no-such-host.invalid:{port} (server.host): "), result
+    assert "Traceback" not in result.stderr
+
+
+async def test_run_names_a_control_socket_path_too_long(tmp_path: Path):
+    state = tmp_path / ("s" * 120)  # control.sock in it is past the AF_UNIX limit
+    config_file = write_config_file(tmp_path, paths={"state": state.name},
+                                    server={"port": _free_port()})
+    result = await run_cli(config_file, "run")
+    assert result.returncode == 1, result
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: cannot make the control socket {state / 'control.sock'} (paths.state): "
+        "AF_UNIX path too long")
+    assert "Traceback" not in result.stderr
+
+
+async def test_run_names_a_state_folder_that_is_a_file(tmp_path: Path):
+    (tmp_path / "state").write_text("not a folder\n")
+    config_file = write_config_file(tmp_path, server={"port": _free_port()})
+    result = await run_cli(config_file, "run")
+    assert result.returncode == 1, result
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: {tmp_path / 'state'}: Not a directory (paths.state)")
+    assert "Traceback" not in result.stderr
+
+
+async def test_refresh_by_the_daemon_names_a_feeds_folder_that_is_a_file(
+        daemon: RunningDaemon):
+    shutil.rmtree(daemon.feeds)
+    daemon.feeds.write_text("not a folder\n")
+
+    result = await daemon.cli("refresh")
+
+    assert result.returncode == 1, result
+    reason = f"{daemon.feeds}: Not a directory (paths.feeds)"
+    assert result.stderr == f"Error: refresh failed: {reason}\n"
+    assert f"ERROR refresh failed: {reason}\n" in daemon.log()
+    assert "Traceback" not in daemon.log()
+    health = await daemon.health()  # the daemon goes on, and says what is wrong
+    assert (health["ok"], health["last_result"]) == (False, reason)
 
 
 # -- shutting down --------------------------------------------------------------------------
