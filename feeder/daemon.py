@@ -32,7 +32,7 @@ from feeder.exceptions import (
     path_error,
 )
 from feeder.refresh import Refresher, RefreshLock, RefreshSummary, open_refresher
-from feeder.web import make_app
+from feeder.web import ServerLog, make_app
 
 log = logging.getLogger(__name__)
 
@@ -374,8 +374,10 @@ async def _serve_and_refresh(config: Config) -> None:
 @contextlib.asynccontextmanager
 async def _serving(config: Config, daemon: Daemon) -> AsyncIterator[None]:
     """Serve the web app on TCP and the control app on the Unix socket."""
-    web_runner = web.AppRunner(make_app(config, daemon.monitor), access_log=None)
-    control_runner = web.AppRunner(make_control_app(daemon), access_log=None)
+    web_runner = web.AppRunner(make_app(config, daemon.monitor), access_log=None,
+                               logger=ServerLog())
+    control_runner = web.AppRunner(make_control_app(daemon), access_log=None,
+                                   logger=ServerLog())
     await web_runner.setup()
     await control_runner.setup()
     host, port, sock = config.server.host, config.server.port, config.control_socket

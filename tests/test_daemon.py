@@ -533,6 +533,25 @@ async def test_path_traversal_gets_404_and_nothing_else(daemon: RunningDaemon):
         assert b"base_url" not in body, path
 
 
+def send_raw(port: int, request: bytes) -> bytes:
+    """Send ``request`` bytes as they are; the response's status line."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(request)
+        return conn.makefile("rb").readline().rstrip()
+
+
+async def test_malformed_requests_get_400_and_log_no_error(daemon: RunningDaemon):
+    """A raw (unescaped) UTF-8 path, a URL over 8190 bytes: the client's mistake, not ours."""
+    for target in ("/feeds/categories/金融/rss.xml".encode(), b"/feeds/" + b"a" * 9000):
+        request = b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        status_line = await asyncio.to_thread(send_raw, daemon.port, request)
+        assert status_line.split(b" ")[1] == b"400", status_line
+    assert (await daemon.get("/feeds/all/rss.xml")).status == 200
+    log = daemon.log()
+    assert " ERROR " not in log
+    assert "Traceback" not in log
+
+
 # -- the control socket and the CLI ---------------------------------------------------------
 
 
