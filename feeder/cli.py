@@ -17,7 +17,7 @@ from rich.progress import Progress as RichBar
 from feeder import __version__
 from feeder.config import Config, load_config
 from feeder.daemon import ask_daemon, run_daemon
-from feeder.exceptions import FeederError, SourceError
+from feeder.exceptions import FeederError, SourceError, path_error
 from feeder.refresh import RefreshSummary, lock, open_refresher
 from feeder.sources import (
     MISNAMED,
@@ -77,12 +77,22 @@ class _ConfigLoader:
 
 
 @contextmanager
-def _known_errors() -> Iterator[None]:
-    """Turn feeder's errors into one clear line and exit status 1."""
+def _known_errors(config: Config) -> Iterator[None]:
+    """Turn feeder's errors into one clear line and exit status 1.
+
+    So too a system error about a file the user controls (paths.feeds is a file, no
+    permission): the line names the file and its config key. Other errors keep their
+    traceback: they are bugs.
+    """
     try:
         yield
     except FeederError as e:
         raise click.ClickException(str(e)) from e
+    except OSError as e:
+        known = path_error(e, config)
+        if known is None:
+            raise
+        raise click.ClickException(str(known)) from e
 
 
 @cli.command()
@@ -93,7 +103,7 @@ def run(loader: _ConfigLoader) -> None:
     level = logging.getLogger().getEffectiveLevel()
     logging.basicConfig(force=True, level=min(level, logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
-    with _known_errors():
+    with _known_errors(config):
         asyncio.run(run_daemon(config))
 
 
@@ -105,7 +115,7 @@ def refresh(loader: _ConfigLoader) -> None:
     A running daemon is asked to do it; with none, it runs here.
     """
     config = loader.load()
-    with _known_errors():
+    with _known_errors(config):
         answer = asyncio.run(ask_daemon(config, "POST", "/refresh"))
         if answer is not None:
             summary = RefreshSummary.from_dict(answer["summary"])
@@ -135,7 +145,7 @@ def check(loader: _ConfigLoader, paths: tuple[Path, ...]) -> None:
     if not paths and not config.paths.sources.is_dir():
         raise click.ClickException(f"{config.paths.sources}: no such folder (paths.sources)")
     misnamed: list[str] = []
-    with _known_errors():  # a folder that cannot be listed
+    with _known_errors(config):  # a folder that cannot be listed
         files = list(_source_files(paths or (config.paths.sources,), misnamed))
     for path in misnamed:
         click.echo(f"{path}: {MISNAMED}")
@@ -182,7 +192,7 @@ def _display_path(file: Path, sources: Path) -> str:
 def status(loader: _ConfigLoader) -> None:
     """Show the last refreshes, failing sources and failing images."""
     config = loader.load()
-    with _known_errors():
+    with _known_errors(config):
         daemon = asyncio.run(ask_daemon(config, "GET", "/status"))
         if daemon is None:
             click.echo("daemon: not running")
@@ -220,7 +230,7 @@ def _print_status(store: Store) -> None:
 def gc(loader: _ConfigLoader) -> None:
     """Delete cached images that no article references any more."""
     config = loader.load()
-    with _known_errors(), lock(config):
+    with _known_errors(config), lock(config):
         store = Store.open(config.database)
         try:
             with store.transaction():

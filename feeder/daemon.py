@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -22,9 +24,15 @@ from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from feeder.config import Config
-from feeder.exceptions import FeederError, LockedError, RefreshAbandoned
+from feeder.exceptions import (
+    DaemonRunningError,
+    FeederError,
+    LockedError,
+    RefreshAbandoned,
+    path_error,
+)
 from feeder.refresh import Refresher, RefreshLock, RefreshSummary, open_refresher
-from feeder.web import make_app
+from feeder.web import ServerLog, make_app
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +45,8 @@ _WATCH_DEBOUNCE_MS = 1000
 _STOP_TIMEOUT = 3.0
 #: Seconds between two tries of a lock another process holds.
 _LOCK_POLL_SECONDS = 0.2
+#: The lock file in paths.state a daemon holds for its whole life (not the refresh lock).
+DAEMON_LOCK_NAME = "daemon.lock"
 _DAEMON_KEY = web.AppKey("daemon", "Daemon")
 
 
@@ -177,9 +187,9 @@ class Daemon:
             future.set_exception(e)
             return
         except Exception as e:  # a failed refresh never stops the daemon
-            log.exception("refresh failed")
-            self.monitor.record(RefreshRecord(datetime.now(UTC), None, f"{e}"))
-            future.set_exception(FeederError(f"refresh failed: {e}"))
+            reason = self._log_failure(e)
+            self.monitor.record(RefreshRecord(datetime.now(UTC), None, reason))
+            future.set_exception(FeederError(f"refresh failed: {reason}"))
             return
         except asyncio.CancelledError:  # a shutdown: waiting clients still get an answer
             future.set_exception(RefreshAbandoned("daemon stopped"))
@@ -189,6 +199,19 @@ class Daemon:
         log.info("refresh: %s", summary.line())
         self.monitor.record(RefreshRecord(datetime.now(UTC), summary))
         future.set_result(summary)
+
+    def _log_failure(self, error: Exception) -> str:
+        """Log a failed refresh; why it failed, in one line.
+
+        A file the user controls (feeds/ is a file, no permission) is one line naming
+        it; anything else is a bug, logged with its traceback.
+        """
+        known = path_error(error, self.config) if isinstance(error, OSError) else None
+        if known is None:
+            log.error("refresh failed", exc_info=error)
+            return str(error)
+        log.error("refresh failed: %s", known)
+        return str(known)
 
     async def _acquire_lock(self) -> None:
         """Wait for the refresh lock without parking a thread in flock(): cancellable."""
@@ -279,10 +302,47 @@ async def ask_daemon(config: Config, method: str, path: str) -> dict[str, Any] |
 # -- running --------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def hold_daemon_lock(config: Config) -> Iterator[None]:
+    """Hold ``paths.state/daemon.lock`` for a ``with`` block: one daemon per state folder.
+
+    Taken at once or not at all, before the control socket is touched: only its
+    holder may replace a stale socket, so two daemons started at the same instant
+    never both run. The lock goes with the process, however it ends.
+
+    Raises:
+        DaemonRunningError: another daemon holds it.
+    """
+    path = config.paths.state / DAEMON_LOCK_NAME
+    config.paths.state.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip()
+            pid = f"pid {holder}, " if holder.isdigit() else ""
+            raise DaemonRunningError(
+                f"a daemon is already running ({pid}lock {path} is held)") from None
+        os.ftruncate(fd, 0)  # for the message above, in the daemon started next
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 async def run_daemon(config: Config) -> None:
-    """Serve and refresh until SIGTERM or SIGINT; then stop cleanly."""
-    if await ask_daemon(config, "GET", "/status") is not None:
-        raise FeederError(f"a daemon is already running (socket {config.control_socket})")
+    """Serve and refresh until SIGTERM or SIGINT; then stop cleanly.
+
+    Raises:
+        DaemonRunningError: another daemon runs on the same ``paths.state``.
+    """
+    with hold_daemon_lock(config):
+        await _serve_and_refresh(config)
+
+
+async def _serve_and_refresh(config: Config) -> None:
+    """The daemon's life, once it holds the daemon lock."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -314,17 +374,27 @@ async def run_daemon(config: Config) -> None:
 @contextlib.asynccontextmanager
 async def _serving(config: Config, daemon: Daemon) -> AsyncIterator[None]:
     """Serve the web app on TCP and the control app on the Unix socket."""
-    web_runner = web.AppRunner(make_app(config, daemon.monitor), access_log=None)
-    control_runner = web.AppRunner(make_control_app(daemon), access_log=None)
+    web_runner = web.AppRunner(make_app(config, daemon.monitor), access_log=None,
+                               logger=ServerLog())
+    control_runner = web.AppRunner(make_control_app(daemon), access_log=None,
+                                   logger=ServerLog())
     await web_runner.setup()
     await control_runner.setup()
+    host, port, sock = config.server.host, config.server.port, config.control_socket
     try:
-        await web.TCPSite(web_runner, config.server.host, config.server.port).start()
+        try:
+            await web.TCPSite(web_runner, host, port).start()
+        except OSError as e:
+            keys = "server.host" if isinstance(e, socket.gaierror) else "server.host/server.port"
+            raise FeederError(f"cannot listen on {host}:{port} ({keys}): {_reason(e)}") from e
         config.paths.state.mkdir(parents=True, exist_ok=True)
-        config.control_socket.unlink(missing_ok=True)
+        sock.unlink(missing_ok=True)
         old_umask = os.umask(0o177)  # the socket is born 0600: file permissions guard it
         try:
-            await web.UnixSite(control_runner, str(config.control_socket)).start()
+            await web.UnixSite(control_runner, str(sock)).start()
+        except OSError as e:
+            raise FeederError(
+                f"cannot make the control socket {sock} (paths.state): {_reason(e)}") from e
         finally:
             os.umask(old_umask)
         yield
@@ -332,3 +402,11 @@ async def _serving(config: Config, daemon: Daemon) -> AsyncIterator[None]:
         await control_runner.cleanup()
         await web_runner.cleanup()
         config.control_socket.unlink(missing_ok=True)
+
+
+def _reason(error: OSError) -> str:
+    """What the system said (``address already in use``), without what asyncio adds."""
+    if error.errno is None:  # AF_UNIX path too long
+        return str(error)
+    text = error.strerror if isinstance(error, socket.gaierror) else os.strerror(error.errno)
+    return (text or str(error)).lower()

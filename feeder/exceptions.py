@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from feeder.config import Config
+
 
 class FeederError(Exception):
     """Base of every error feeder raises on purpose."""
@@ -54,12 +63,62 @@ class ImageError(FeederError):
         self.retry_after = retry_after
 
 
+class PathError(FeederError):
+    """A file or folder the user controls is unusable: a file for a folder, no permission..."""
+
+    def __init__(self, path: str, reason: str, key: str = "") -> None:
+        super().__init__(f"{path}: {reason} ({key})" if key else f"{path}: {reason}")
+        #: The file or folder at fault.
+        self.path = path
+        #: What is wrong with it, as the system says (``Not a directory``).
+        self.reason = reason
+        #: The config key of the folder it is in (``paths.feeds``), if it is in one.
+        self.key = key
+
+
+def path_error(error: OSError, config: Config) -> PathError | None:
+    """``error`` as a :class:`PathError` if it is about a file the user controls, else None.
+
+    Those are files in the configured folders, or folders above one of them (making
+    it failed). An error about another file, or about none, is not the user's to fix
+    in the config: a bug or a system problem, which keeps its traceback.
+    """
+    if not isinstance(error.filename, str | bytes | os.PathLike) or not error.strerror:
+        return None
+    named = Path(os.path.abspath(os.fsdecode(error.filename)))
+    inside: list[tuple[int, str]] = []
+    above = False
+    for field in dataclasses.fields(config.paths):
+        folder = getattr(config.paths, field.name)
+        # As configured, and with symlinks resolved (the output folder resolves them).
+        for file, root in ((named, Path(os.path.abspath(folder))),
+                           (Path(os.path.realpath(named)), Path(os.path.realpath(folder)))):
+            if file.is_relative_to(root):
+                inside.append((len(root.parts), f"paths.{field.name}"))
+            above = above or root.is_relative_to(file)
+    if not inside and not above:
+        return None
+    inside.sort()  # the innermost folder names the key (the cache may be in feeds/)
+    path, reason = named, error.strerror
+    if error.errno in (errno.ENOTDIR, errno.EEXIST):
+        # A folder that is a file, or a path through a file: name that file.
+        for step in (*reversed(named.parents), named):
+            if step.exists() and not step.is_dir():
+                path, reason = step, os.strerror(errno.ENOTDIR)
+                break
+    return PathError(str(path), reason, inside[-1][1] if inside else "")
+
+
 class StoreError(FeederError):
     """The state database failed."""
 
 
 class LockedError(FeederError):
     """Another process holds the refresh lock."""
+
+
+class DaemonRunningError(FeederError):
+    """Another daemon holds the daemon lock of this ``paths.state``."""
 
 
 class RefreshAbandoned(FeederError):

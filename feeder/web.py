@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import logging
 import mimetypes
 import os
 import stat
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from feeder.config import Config
 
@@ -131,6 +133,27 @@ async def serve_metrics(request: web.Request) -> web.Response:
             hdrs.CACHE_CONTROL: "no-store",
         },
     )
+
+
+class ServerLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's server log (give it to ``AppRunner(logger=...)``), quiet about bad requests.
+
+    A request aiohttp cannot parse (a raw UTF-8 path, a URL over 8190 bytes) gets a
+    400, and aiohttp logs it as an ERROR with a traceback: anyone could fill the log.
+    It is the client's mistake, so here it is one DEBUG line, as aiohttp itself logs
+    garbage on a new connection; an error in a handler keeps its ERROR and traceback.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.getLogger("aiohttp.server"))
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True,
+                  **kwargs: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            reason = (exc_info.message.strip().splitlines() or [""])[0].rstrip(":")
+            self.debug(f"{msg}: %d %s", *args, exc_info.code, reason)
+            return
+        super().exception(msg, *args, exc_info=exc_info, **kwargs)
 
 
 def not_found() -> web.Response:

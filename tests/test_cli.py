@@ -117,6 +117,15 @@ def test_refresh_of_empty_folder(config_file: Path, config: Config) -> None:
     assert (config.paths.feeds / "index.html").is_file()
 
 
+def test_refresh_names_a_feeds_folder_that_is_a_file(config_file: Path, config: Config) -> None:
+    write_all(config, GOOD)
+    config.paths.feeds.write_text("not a folder\n")
+    result = CliRunner().invoke(cli, ["-c", str(config_file), "refresh"])
+    assert result.exit_code == 1
+    assert result.output == f"Error: {config.paths.feeds}: Not a directory (paths.feeds)\n"
+    assert config.paths.feeds.read_text() == "not a folder\n"
+
+
 # -- check ------------------------------------------------------------------------------
 
 
@@ -252,6 +261,16 @@ def test_missing_config_file(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["-c", str(tmp_path / "nope.yaml"), "refresh"])
     assert result.exit_code != 0
     assert "nope.yaml" in result.output
+
+
+@pytest.mark.parametrize("command", ["refresh", "status", "gc"])
+def test_a_state_folder_that_is_a_file_is_named(config_file: Path, config: Config,
+                                                command: str) -> None:
+    config.paths.state.write_text("not a folder\n")
+    result = CliRunner().invoke(cli, ["-c", str(config_file), command])
+    assert result.exit_code == 1
+    assert lines(result.output)[-1] == f"Error: {config.paths.state}: Not a directory (paths.state)"
+    assert "Traceback" not in result.output
 
 
 # -- status -----------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,10 +39,10 @@ import pytest
 import yaml
 from multidict import CIMultiDict
 
-from feeder.daemon import Daemon
-from feeder.exceptions import RefreshAbandoned
+from feeder.daemon import Daemon, run_daemon
+from feeder.exceptions import DaemonRunningError, RefreshAbandoned
 from feeder.refresh import open_refresher
-from tests.conftest import make_config, write_source
+from tests.conftest import make_config, write_config_file, write_source
 from tests.imageserver import PNG, ImageServer, hang, image, png_of_size
 
 _REPO = Path(__file__).resolve().parents[1]
@@ -532,6 +533,25 @@ async def test_path_traversal_gets_404_and_nothing_else(daemon: RunningDaemon):
         assert b"base_url" not in body, path
 
 
+def send_raw(port: int, request: bytes) -> bytes:
+    """Send ``request`` bytes as they are; the response's status line."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(request)
+        return conn.makefile("rb").readline().rstrip()
+
+
+async def test_malformed_requests_get_400_and_log_no_error(daemon: RunningDaemon):
+    """A raw (unescaped) UTF-8 path, a URL over 8190 bytes: the client's mistake, not ours."""
+    for target in ("/feeds/categories/金融/rss.xml".encode(), b"/feeds/" + b"a" * 9000):
+        request = b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        status_line = await asyncio.to_thread(send_raw, daemon.port, request)
+        assert status_line.split(b" ")[1] == b"400", status_line
+    assert (await daemon.get("/feeds/all/rss.xml")).status == 200
+    log = daemon.log()
+    assert " ERROR " not in log
+    assert "Traceback" not in log
+
+
 # -- the control socket and the CLI ---------------------------------------------------------
 
 
@@ -622,6 +642,119 @@ async def test_watch_publishes_a_new_file_without_any_command(start_daemon: Star
         rss = await daemon.get("/feeds/all/rss.xml")
         titles = [entry.title for entry in feedparser.parse(rss.body).entries]
     assert await daemon.refreshes() > before
+
+
+async def run_cli(config_file: Path, *args: str) -> CliResult:
+    """Run ``feeder -c CONFIG_FILE ARGS`` to the end, with no daemon fixture around."""
+    return await finish(await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "feeder", "-c", str(config_file), *args,
+        cwd=config_file.parent, env=_env(), stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    ))
+
+
+async def test_two_daemons_started_at_once_on_one_state_leave_one_running(tmp_path: Path):
+    """Two daemons (other ports, same paths.state) start before either made its socket.
+
+    Both run in this event loop, so the second one starts while the first is still
+    setting up: deciding from the socket, both ran and the second took the socket.
+    """
+    write_article(tmp_path / "sources", "a.md", "An article")
+    configs = [make_config(tmp_path, server={"port": _free_port()}) for _ in range(2)]
+    config_file = write_config_file(tmp_path)  # the same paths.state, for the commands
+    tasks = [asyncio.create_task(run_daemon(config)) for config in configs]
+    try:
+        done, running = await asyncio.wait(tasks, timeout=5,
+                                           return_when=asyncio.FIRST_COMPLETED)
+        assert (len(done), len(running)) == (1, 1), "both daemons kept running"
+        [refused], [survivor] = done, running
+        with pytest.raises(DaemonRunningError,
+                           match=rf"^a daemon is already running \(pid {os.getpid()}, "
+                                 r"lock .*/state/daemon\.lock is held\)$"):
+            refused.result()
+
+        refresh = await run_cli(config_file, "refresh")
+        assert refresh.returncode == 0, refresh
+        assert refresh.stdout.startswith("daemon: "), refresh
+        assert "1 articles" in refresh.stdout
+        status = await run_cli(config_file, "status")
+        assert status.stdout.startswith(f"daemon: running (pid {os.getpid()},"), status
+        third = await run_cli(config_file, "run")
+        assert third.returncode == 1, third
+        assert third.stderr.startswith("Error: a daemon is already running"), third
+        assert "Traceback" not in third.stderr
+
+        os.kill(os.getpid(), signal.SIGTERM)  # the survivor's handler: it stops cleanly
+        await asyncio.wait_for(survivor, 5)
+        assert not (tmp_path / "state" / "control.sock").exists()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_run_names_a_port_in_use(tmp_path: Path):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config_file = write_config_file(tmp_path, server={"host": "127.0.0.1", "port": port})
+        result = await run_cli(config_file, "run")
+    assert result.returncode == 1, result
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: cannot listen on 127.0.0.1:{port} (server.host/server.port): "
+        "address already in use")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "state" / "control.sock").exists()
+
+
+async def test_run_names_a_host_that_does_not_resolve(tmp_path: Path):
+    port = _free_port()
+    config_file = write_config_file(tmp_path, server={"host": "no-such-host.invalid",
+                                                      "port": port})
+    result = await run_cli(config_file, "run")
+    assert result.returncode == 1, result
+    assert result.stderr.splitlines()[-1].startswith(
+        f"Error: cannot listen on no-such-host.invalid:{port} (server.host): "), result
+    assert "Traceback" not in result.stderr
+
+
+async def test_run_names_a_control_socket_path_too_long(tmp_path: Path):
+    state = tmp_path / ("s" * 120)  # control.sock in it is past the AF_UNIX limit
+    config_file = write_config_file(tmp_path, paths={"state": state.name},
+                                    server={"port": _free_port()})
+    result = await run_cli(config_file, "run")
+    assert result.returncode == 1, result
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: cannot make the control socket {state / 'control.sock'} (paths.state): "
+        "AF_UNIX path too long")
+    assert "Traceback" not in result.stderr
+
+
+async def test_run_names_a_state_folder_that_is_a_file(tmp_path: Path):
+    (tmp_path / "state").write_text("not a folder\n")
+    config_file = write_config_file(tmp_path, server={"port": _free_port()})
+    result = await run_cli(config_file, "run")
+    assert result.returncode == 1, result
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: {tmp_path / 'state'}: Not a directory (paths.state)")
+    assert "Traceback" not in result.stderr
+
+
+async def test_refresh_by_the_daemon_names_a_feeds_folder_that_is_a_file(
+        daemon: RunningDaemon):
+    shutil.rmtree(daemon.feeds)
+    daemon.feeds.write_text("not a folder\n")
+
+    result = await daemon.cli("refresh")
+
+    assert result.returncode == 1, result
+    reason = f"{daemon.feeds}: Not a directory (paths.feeds)"
+    assert result.stderr == f"Error: refresh failed: {reason}\n"
+    assert f"ERROR refresh failed: {reason}\n" in daemon.log()
+    assert "Traceback" not in daemon.log()
+    health = await daemon.health()  # the daemon goes on, and says what is wrong
+    assert (health["ok"], health["last_result"]) == (False, reason)
 
 
 # -- shutting down --------------------------------------------------------------------------
