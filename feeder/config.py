@@ -155,7 +155,7 @@ _MAXIMUM: dict[str, int] = {
 #: Longest slug from ``feeds.slugs``, in characters and in UTF-8 bytes: a file name has at
 #: most 255, and a slug two categories share gets a suffix of up to 41 characters.
 _SLUG_MAX_CHARS = 100
-_SLUG_MAX_BYTES = 200
+SLUG_MAX_BYTES = 200
 #: Characters a slug may not hold: path separators, and what DESIGN.md keeps out of URLs.
 _SLUG_FORBIDDEN = "/\\%#?"
 
@@ -338,8 +338,8 @@ def _slug_problem(slug: str) -> str | None:
         return f"holds one of {' '.join(_SLUG_FORBIDDEN)}"
     if any(_is_control(c) or (c.isspace() and c != " ") for c in slug):
         return "holds a control character or whitespace other than a space"
-    if len(slug) > _SLUG_MAX_CHARS or len(slug.encode("utf-8")) > _SLUG_MAX_BYTES:
-        return f"longer than {_SLUG_MAX_CHARS} characters or {_SLUG_MAX_BYTES} bytes"
+    if len(slug) > _SLUG_MAX_CHARS or len(slug.encode("utf-8")) > SLUG_MAX_BYTES:
+        return f"longer than {_SLUG_MAX_CHARS} characters or {SLUG_MAX_BYTES} bytes"
     return None
 
 

@@ -23,7 +23,7 @@ from feedgen.feed import FeedEntry, FeedGenerator
 from lxml import etree
 
 from feeder import __version__
-from feeder.config import Config
+from feeder.config import SLUG_MAX_BYTES, Config
 from feeder.images import rewrite_image_urls
 from feeder.sources import article_guid
 from feeder.types import Article, CachedImageInfo
@@ -36,8 +36,8 @@ FEED_FILES = ("rss.xml", "atom.xml", "feed.json")
 OUTPUT_VERSION = 3
 CATEGORIES_FOLDER = "categories"
 ARTICLES_FOLDER = "articles"
-#: Longest slug made from a name, in characters: a folder name has at most 255 bytes,
-#: a suffix may follow, and a URL of 1,000 characters helps no one.
+#: Longest slug made from a name, in characters (a URL of 1,000 helps no one); in bytes,
+#: it is held to what ``feeds.slugs`` may be, so that a suffix still fits a folder name.
 MAX_SLUG_CHARS = 64
 #: Hex digits of a name's hash that tell slugs apart, tried in turn (then all 40).
 _SUFFIX_DIGITS = (6, 12)
@@ -98,7 +98,8 @@ def slugify(name: str) -> str:
 
     The name is NFC-normalized first, and combining marks are kept (``हिन्दी`` keeps
     its vowel signs) unless they start the slug or follow a separator. A slug longer
-    than :data:`MAX_SLUG_CHARS` is cut, and ends with a hash of the whole name.
+    than :data:`MAX_SLUG_CHARS` characters or ``SLUG_MAX_BYTES`` bytes is cut, and
+    ends with a hash of the whole name.
     """
     kept: list[str] = []
     for char in unicodedata.normalize("NFC", name):
@@ -107,8 +108,10 @@ def slugify(name: str) -> str:
         elif kept and kept[-1] != "-":
             kept.append("-")
     slug = "".join(kept).strip("-")
-    if len(slug) > MAX_SLUG_CHARS:
-        return slug[: MAX_SLUG_CHARS - 7].rstrip("-") + "-" + _short_hash(name)
+    if len(slug) > MAX_SLUG_CHARS or len(slug.encode("utf-8")) > SLUG_MAX_BYTES:
+        suffix = "-" + _short_hash(name)
+        cut = slug[: MAX_SLUG_CHARS - len(suffix)].encode("utf-8")[: SLUG_MAX_BYTES - len(suffix)]
+        return cut.decode("utf-8", "ignore").rstrip("-") + suffix
     return slug or "c-" + _short_hash(name)
 
 

@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 _PENDING = "pending_build"
 #: Meta key set while a refresh runs: still set at the start of the next one, if killed.
 _RUNNING = "refresh_running"
+#: Meta key of what, besides articles and images, the feeds were last built from.
+_FINGERPRINT = "fingerprint"
 #: Meta key of the settings the stored articles were parsed with.
 _PARSE_SETTINGS = "parse_settings"
 #: Meta key prefix (then a feed's folder) of the paths its last build showed, newest first.
@@ -383,13 +385,12 @@ class Refresher:
 
     def _write_outputs(self, changes: _Changes, progress: Progress) -> int:
         """Rebuild what changed; write only files whose bytes differ. Returns files written."""
-        pending = self.store.get_meta(_PENDING)
-        changes.merge_json(pending)
+        changes.merge_json(self.store.get_meta(_PENDING))
         counts = self.store.categories()
         slugs = category_slugs(counts, self.config.feeds.slugs)
         feeds = feed_infos(self.config, slugs)
         fingerprint = self._fingerprint()
-        everything = self.store.get_meta("fingerprint") != fingerprint
+        everything = self.store.get_meta(_FINGERPRINT) != fingerprint
         stored_slugs = self.store.get_meta(_SLUGS)
         old_slugs = json.loads(stored_slugs) if stored_slugs else {}
         if everything or not self.output.has_folder(ARTICLES_FOLDER):  # or it was deleted
@@ -398,20 +399,24 @@ class Refresher:
             moved = [c for c, slug in slugs.items() if old_slugs.get(c, slug) != slug]
             changes.pages |= self.store.paths_in_categories(moved)
         stale = [f for f in feeds if everything or self._feed_stale(f, changes)]
-        progress.start("write", len(stale) + len(changes.pages))
+        if everything or stale or changes.any:
+            self._plan_build(changes, stale, everything)
+        progress.start("write", len(stale) + len(changes.pages | changes.removed_pages))
         written = 0
         shown: dict[str, list[str]] = {}
         for feed in stale:
             self._check_abandoned()
             written += self._write_feed(feed, shown)
             progress.advance("write")
-        for path in sorted(changes.removed_pages - changes.pages):
-            written += self.output.remove(article_page_path(article_id(path)))
-        for article in self.store.articles(sorted(changes.pages)):
+        for path in sorted(changes.pages | changes.removed_pages):
             self._check_abandoned()
-            images = self.store.cached_images(article.images)
-            page = build_article_page(article, images, slugs, self.config)
-            written += self.output.write(article_page_path(article.id), page)
+            article = self.store.article(path)
+            if article is None:  # deleted, or refused, since a refresh marked it
+                written += self.output.remove(article_page_path(article_id(path)))
+            else:
+                images = self.store.cached_images(article.images)
+                page = build_article_page(article, images, slugs, self.config)
+                written += self.output.write(article_page_path(article.id), page)
             progress.advance("write")
         if everything or changes.any or not self.output.has_files("", _INDEX_FILES):
             wanted = set(slugs.values())
@@ -421,14 +426,30 @@ class Refresher:
                     self.store.delete_meta(_SHOWN + category_folder(slug))
             written += self.output.write("index.opml", build_opml(feeds, self.config))
             written += self.output.write("index.html", build_index(feeds, counts, self.config))
-        if everything or pending or shown or slugs != old_slugs:
+        if everything or stale or changes.any or slugs != old_slugs:
             with self.store.transaction():
-                self.store.set_meta("fingerprint", fingerprint)
+                self.store.set_meta(_FINGERPRINT, fingerprint)
                 self.store.delete_meta(_PENDING)
                 self.store.set_meta(_SLUGS, json.dumps(slugs, ensure_ascii=False))
                 for folder, paths in shown.items():
                     self.store.set_meta(_SHOWN + folder, json.dumps(paths, ensure_ascii=False))
         return written
+
+    def _plan_build(self, changes: _Changes, stale: list[FeedInfo], everything: bool) -> None:
+        """Record, before the first file is written, what this build is about to rewrite.
+
+        A build that does not finish (killed, abandoned, a full disk) leaves files of
+        its own among older ones; the next refresh must rebuild them all, even if the
+        change that caused them is undone meanwhile. So the feeds lose their record of
+        what they show, the pages wait in the pending list, and a new fingerprint is
+        saved only at the end.
+        """
+        with self.store.transaction():
+            if everything:
+                self.store.delete_meta(_FINGERPRINT)
+            for feed in stale:
+                self.store.delete_meta(_SHOWN + feed.folder)
+            self._save_pending(changes)
 
     def _feed_stale(self, feed: FeedInfo, changes: _Changes) -> bool:
         """Does ``feed`` need building: a file of it is missing, or what it shows changed?

@@ -123,11 +123,14 @@ def test_slugs_differing_only_in_case_both_get_a_suffix() -> None:
 
 
 def test_a_long_name_gets_a_short_slug_of_its_own() -> None:
-    names = ["a" * 300, "a" * 299, "长" * 200]
+    # 4-byte letters: 64 of them are 256 bytes, more than a folder name may have.
+    names = ["a" * 300, "a" * 299, "长" * 200, "𠀀" * 64, "𝐀" * 100, "𝐀" * 100 + "!"]
     slugs = category_slugs(names, {})
-    assert len(set(slugs.values())) == 3
+    assert len(set(slugs.values())) == len(names)
     assert all(len(slug) <= 64 for slug in slugs.values())
+    assert all(len(slug.encode("utf-8")) <= 200 for slug in slugs.values())
     assert slugs["a" * 300].startswith("a" * 50)
+    assert slugs["𠀀" * 64].startswith("𠀀" * 40)
 
 
 def test_the_longest_slug_config_allows_still_fits_a_folder_name_when_shared(

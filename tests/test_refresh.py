@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -708,3 +709,63 @@ def test_kill_9_never_leaves_a_broken_file(tmp_path: Path) -> None:
     assert len(list((config.paths.feeds / "categories").iterdir())) == 27
     opml = ElementTree.parse(config.paths.feeds / "index.opml").getroot()
     assert len(opml.findall("body/outline")) == 28
+
+
+# -- interrupted refreshes --------------------------------------------------------------
+
+
+class AbandonAfter:
+    """Progress that abandons the refresh after ``steps`` steps of ``stage``: as a SIGTERM
+    (or a kill, or a full disk) would stop it there."""
+
+    def __init__(self, refresher: Refresher, stage: str, steps: int) -> None:
+        self.refresher, self.stage, self.steps = refresher, stage, steps
+
+    def start(self, stage: str, total: int) -> None:
+        if stage == self.stage and self.steps == 0:
+            self.refresher.abandon()
+
+    def advance(self, stage: str, amount: int = 1) -> None:
+        if stage == self.stage:
+            self.steps -= amount
+            if self.steps <= 0:
+                self.refresher.abandon()
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("seed", range(40))
+async def test_after_interrupted_refreshes_the_output_is_what_a_fresh_build_gives(
+        tmp_path: Path, seed: int) -> None:
+    """Edits, deletions, moves between categories and slugs, each followed by a refresh
+    stopped at a random point; then one refresh that finishes must leave no trace."""
+    rng = random.Random(seed)
+    config = make_config(tmp_path / "live", feeds={"items": 2})
+    config.paths.sources.mkdir(parents=True)
+    categories = ["A", "B", "a b", "a-b"]  # the last two share a slug
+    mtime = T0
+    for step in range(6):
+        for _ in range(rng.randint(1, 3)):
+            name = f"s{rng.randint(0, 4)}.md"
+            roll = rng.random()
+            if roll < 0.25:
+                (config.paths.sources / name).unlink(missing_ok=True)
+            elif roll < 0.3:
+                shutil.rmtree(config.paths.feeds / "articles", ignore_errors=True)
+            else:
+                mtime += 60
+                chosen = rng.sample(categories, rng.randint(1, 2))
+                write_source(config, name, dated(f"{name} {step}", rng.randint(1, 9), chosen),
+                             mtime=mtime)
+        with open_refresher(config) as refresher:
+            stop = AbandonAfter(refresher, rng.choice(["parse", "write"]), rng.randint(0, 5))
+            with contextlib.suppress(RefreshAbandoned):
+                await refresher.refresh(stop)
+    await refresh(config)
+    fresh = make_config(tmp_path / "fresh", feeds={"items": 2})
+    shutil.copytree(config.paths.sources, fresh.paths.sources)
+    await refresh(fresh)
+    assert contents(config.paths.feeds) == contents(fresh.paths.feeds)
