@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import signal
@@ -31,7 +30,7 @@ from feeder.exceptions import (
     RefreshAbandoned,
     path_error,
 )
-from feeder.refresh import Refresher, RefreshLock, RefreshSummary, open_refresher
+from feeder.refresh import FileLock, Refresher, RefreshSummary, open_refresher, refresh_lock
 from feeder.web import ServerLog, make_app
 
 log = logging.getLogger(__name__)
@@ -131,7 +130,7 @@ class Daemon:
         self.config = config
         self.refresher = refresher
         self.monitor = Monitor()
-        self._lock = RefreshLock(config)
+        self._lock = refresh_lock(config)
         self._next: asyncio.Future[RefreshSummary] | None = None
         self._running: asyncio.Task[None] | None = None
         self._stopping = False
@@ -313,22 +312,19 @@ def hold_daemon_lock(config: Config) -> Iterator[None]:
     Raises:
         DaemonRunningError: another daemon holds it.
     """
-    path = config.paths.state / DAEMON_LOCK_NAME
-    config.paths.state.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    held = FileLock(config.paths.state / DAEMON_LOCK_NAME, "a daemon is already running")
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode("ascii", "replace").strip()
-            pid = f"pid {holder}, " if holder.isdigit() else ""
-            raise DaemonRunningError(
-                f"a daemon is already running ({pid}lock {path} is held)") from None
-        os.ftruncate(fd, 0)  # for the message above, in the daemon started next
-        os.write(fd, f"{os.getpid()}\n".encode())
+        held.acquire(wait=False)
+    except LockedError:
+        holder = held.path.read_bytes()[:32].decode("ascii", "replace").strip()
+        pid = f"pid {holder}, " if holder.isdigit() else ""
+        raise DaemonRunningError(
+            f"a daemon is already running ({pid}lock {held.path} is held)") from None
+    try:
+        held.note(f"{os.getpid()}\n")  # for the message above, in the daemon started next
         yield
     finally:
-        os.close(fd)  # closing releases the lock
+        held.release()
 
 
 async def run_daemon(config: Config) -> None:
@@ -386,7 +382,7 @@ async def _serving(config: Config, daemon: Daemon) -> AsyncIterator[None]:
             await web.TCPSite(web_runner, host, port).start()
         except OSError as e:
             keys = "server.host" if isinstance(e, socket.gaierror) else "server.host/server.port"
-            raise FeederError(f"cannot listen on {host}:{port} ({keys}): {_reason(e)}") from e
+            raise FeederError(f"cannot listen on {host}:{port} ({keys}): {_os_reason(e)}") from e
         config.paths.state.mkdir(parents=True, exist_ok=True)
         sock.unlink(missing_ok=True)
         old_umask = os.umask(0o177)  # the socket is born 0600: file permissions guard it
@@ -394,7 +390,7 @@ async def _serving(config: Config, daemon: Daemon) -> AsyncIterator[None]:
             await web.UnixSite(control_runner, str(sock)).start()
         except OSError as e:
             raise FeederError(
-                f"cannot make the control socket {sock} (paths.state): {_reason(e)}") from e
+                f"cannot make the control socket {sock} (paths.state): {_os_reason(e)}") from e
         finally:
             os.umask(old_umask)
         yield
@@ -404,7 +400,7 @@ async def _serving(config: Config, daemon: Daemon) -> AsyncIterator[None]:
         config.control_socket.unlink(missing_ok=True)
 
 
-def _reason(error: OSError) -> str:
+def _os_reason(error: OSError) -> str:
     """What the system said (``address already in use``), without what asyncio adds."""
     if error.errno is None:  # AF_UNIX path too long
         return str(error)

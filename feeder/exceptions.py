@@ -86,7 +86,7 @@ def path_error(error: OSError, config: Config) -> PathError | None:
     if not isinstance(error.filename, str | bytes | os.PathLike) or not error.strerror:
         return None
     named = Path(os.path.abspath(os.fsdecode(error.filename)))
-    inside: list[tuple[int, str]] = []
+    key = ""  # of the folder it is in: config keeps them from nesting, so there is one
     above = False
     for field in dataclasses.fields(config.paths):
         folder = getattr(config.paths, field.name)
@@ -94,11 +94,10 @@ def path_error(error: OSError, config: Config) -> PathError | None:
         for file, root in ((named, Path(os.path.abspath(folder))),
                            (Path(os.path.realpath(named)), Path(os.path.realpath(folder)))):
             if file.is_relative_to(root):
-                inside.append((len(root.parts), f"paths.{field.name}"))
+                key = f"paths.{field.name}"
             above = above or root.is_relative_to(file)
-    if not inside and not above:
+    if not key and not above:
         return None
-    inside.sort()  # the innermost folder names the key (the cache may be in feeds/)
     path, reason = named, error.strerror
     if error.errno in (errno.ENOTDIR, errno.EEXIST):
         # A folder that is a file, or a path through a file: name that file.
@@ -106,7 +105,7 @@ def path_error(error: OSError, config: Config) -> PathError | None:
             if step.exists() and not step.is_dir():
                 path, reason = step, os.strerror(errno.ENOTDIR)
                 break
-    return PathError(str(path), reason, inside[-1][1] if inside else "")
+    return PathError(str(path), reason, key)
 
 
 class StoreError(FeederError):

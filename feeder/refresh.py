@@ -498,11 +498,14 @@ def _reason(error: SourceError) -> str:
     return error.reason if error.line is None else f"line {error.line}: {error.reason}"
 
 
-class RefreshLock:
-    """The lock file in ``paths.state``: two processes never refresh at once."""
+class FileLock:
+    """An exclusive ``flock`` on a file: released by :meth:`release`, or by the process
+    ending, however it ends."""
 
-    def __init__(self, config: Config) -> None:
-        self._path = config.lock_file
+    def __init__(self, path: Path, busy: str) -> None:
+        #: The lock file.
+        self.path = path
+        self._busy = busy
         self._fd: int | None = None
 
     def acquire(self, wait: bool = True) -> None:
@@ -511,14 +514,20 @@ class RefreshLock:
         Raises:
             LockedError: ``wait`` is false and another process holds the lock.
         """
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             os.close(fd)
-            raise LockedError(f"another process is refreshing ({self._path})") from None
+            raise LockedError(f"{self._busy} ({self.path})") from None
         self._fd = fd
+
+    def note(self, text: str) -> None:
+        """Write ``text`` into the held lock file, for whoever finds it held."""
+        assert self._fd is not None, "the lock is not held"
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, text.encode(), 0)
 
     def release(self) -> None:
         if self._fd is not None:
@@ -526,10 +535,15 @@ class RefreshLock:
             self._fd = None
 
 
+def refresh_lock(config: Config) -> FileLock:
+    """The lock file in ``paths.state``: two processes never refresh at once."""
+    return FileLock(config.lock_file, "another process is refreshing")
+
+
 @contextmanager
 def lock(config: Config, *, wait: bool = True) -> Iterator[None]:
     """Hold the refresh lock for the duration of a ``with`` block."""
-    held = RefreshLock(config)
+    held = refresh_lock(config)
     held.acquire(wait)
     try:
         yield
