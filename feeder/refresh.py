@@ -403,6 +403,15 @@ class Refresher:
             self._plan_build(changes, stale, everything)
         progress.start("write", len(stale) + len(changes.pages | changes.removed_pages))
         written = 0
+        rebuild_index = everything or changes.any or not self.output.has_files("", _INDEX_FILES)
+        if rebuild_index:
+            # Before writing feeds: on a file system blind to case, the folder of a
+            # category "X" replaced by "x" is the new one's too.
+            wanted = set(slugs.values())
+            for slug in self.output.list_folder(CATEGORIES_FOLDER):
+                if slug not in wanted:
+                    written += self.output.remove(category_folder(slug))
+                    self.store.delete_meta(_SHOWN + category_folder(slug))
         shown: dict[str, list[str]] = {}
         for feed in stale:
             self._check_abandoned()
@@ -418,12 +427,7 @@ class Refresher:
                 page = build_article_page(article, images, slugs, self.config)
                 written += self.output.write(article_page_path(article.id), page)
             progress.advance("write")
-        if everything or changes.any or not self.output.has_files("", _INDEX_FILES):
-            wanted = set(slugs.values())
-            for slug in self.output.list_folder(CATEGORIES_FOLDER):
-                if slug not in wanted:
-                    written += self.output.remove(category_folder(slug))
-                    self.store.delete_meta(_SHOWN + category_folder(slug))
+        if rebuild_index:
             written += self.output.write("index.opml", build_opml(feeds, self.config))
             written += self.output.write("index.html", build_index(feeds, counts, self.config))
         if everything or stale or changes.any or slugs != old_slugs:
