@@ -539,14 +539,16 @@ async def fetch_images(
     cache_dir: Path,
     *,
     deadline: float | None = None,
+    stop: asyncio.Event | None = None,
     on_result: Callable[[ImageResult], None] | None = None,
 ) -> list[ImageResult]:
     """Download each URL (once, however often given) into ``cache_dir``.
 
     Returns one result per URL that finished within ``deadline`` seconds (default
-    ``config.deadline``), in the order given; downloads still running then are
-    cancelled, their temp files removed, and their URLs left out: they are pending.
-    ``on_result`` is called as each URL finishes. Failures are results, not errors.
+    ``config.deadline``), or before ``stop`` was set, in the order given; downloads
+    still running then are cancelled, their temp files removed, and their URLs left
+    out: they are pending. ``on_result`` is called as each URL finishes. Failures
+    are results, not errors.
     """
     unique = list(dict.fromkeys(urls))
     deadline = config.deadline if deadline is None else deadline
@@ -576,10 +578,12 @@ async def fetch_images(
                 try:
                     async with asyncio.timeout(deadline):
                         for start in range(0, len(wanted), _TASK_BATCH):
+                            if stop is not None and stop.is_set():
+                                break
                             tasks += [asyncio.create_task(fetch_and_report(url))
                                       for url in wanted[start : start + _TASK_BATCH]]
                             await asyncio.sleep(0)  # their first steps, then other work
-                        await asyncio.wait(tasks)
+                        await _all_done(tasks, stop)
                 except TimeoutError:
                     pass  # what is still running is cancelled below, and left pending
                 finally:
@@ -592,6 +596,20 @@ async def fetch_images(
         finally:
             await resolver.close()
     return [finished[url] for url in unique if url in finished]
+
+
+async def _all_done(tasks: list[asyncio.Task[None]], stop: asyncio.Event | None) -> None:
+    """Wait until every task is done, or ``stop`` is set (the tasks go on running)."""
+    if not tasks:
+        return
+    waits = [asyncio.ensure_future(asyncio.wait(tasks))]
+    if stop is not None:
+        waits.append(asyncio.ensure_future(stop.wait()))
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 def _open_session(config: ImagesConfig, resolver: AbstractResolver) -> aiohttp.ClientSession:

@@ -175,14 +175,20 @@ class Refresher:
         self.parser = SourceParser(config)
         self.output = OutputFolder(config.paths.feeds)
         self._abandon = threading.Event()
+        #: Downloads of the running refresh stop when this is set, and its loop.
+        self._stop_images: tuple[asyncio.Event, asyncio.AbstractEventLoop] | None = None
 
     def abandon(self) -> None:
-        """Ask the running refresh to stop at the next file; thread-safe.
+        """Ask the running refresh to stop at the next file or now, if downloading.
 
-        Sources parsed so far are kept (the rest are parsed next time); feeds already
-        written stay valid, as every write is atomic.
+        Thread-safe. Sources parsed and images downloaded so far are kept (the rest
+        wait for the next refresh); feeds already written stay valid, as every write
+        is atomic.
         """
         self._abandon.set()
+        if self._stop_images is not None:
+            event, loop = self._stop_images
+            loop.call_soon_threadsafe(event.set)
 
     def _check_abandoned(self) -> None:
         if self._abandon.is_set():
@@ -344,11 +350,20 @@ class Refresher:
         if not urls:
             return 0, 0
         progress.start("images", len(urls))
-        results = await fetch_images(
-            urls, self.config.images, self.config.paths.cache,
-            on_result=lambda _: progress.advance("images"),
-        )
-        return await asyncio.to_thread(self._record_images, results, changes, now)
+        stop = asyncio.Event()
+        self._stop_images = stop, asyncio.get_running_loop()
+        try:
+            if self._abandon.is_set():
+                stop.set()
+            results = await fetch_images(
+                urls, self.config.images, self.config.paths.cache, stop=stop,
+                on_result=lambda _: progress.advance("images"),
+            )
+        finally:
+            self._stop_images = None
+        recorded = await asyncio.to_thread(self._record_images, results, changes, now)
+        self._check_abandoned()
+        return recorded
 
     def _record_images(self, results: Sequence[ImageResult], changes: _Changes,
                        now: datetime) -> tuple[int, int]:

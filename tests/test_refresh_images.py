@@ -18,6 +18,7 @@ from click.testing import CliRunner
 
 from feeder.cli import cli
 from feeder.config import Config, config_from_dict
+from feeder.exceptions import RefreshAbandoned
 from feeder.images import BUFFER_BYTES
 from feeder.refresh import open_refresher
 from tests.imageserver import PNG, ImageServer, hang, image, status
@@ -237,6 +238,38 @@ async def test_a_slow_origin_does_not_hold_feeds_back(tmp_path, server):
     assert "https://img.cls.cn/images/20220330/c8Agbj08W6.png" in (
         parse(config, "all/rss.xml").entries[0].content[0].value)
     assert not [p for p in config.paths.cache.iterdir() if p.name.startswith(".")]
+
+
+async def test_an_abandoned_refresh_stops_downloading_and_keeps_what_it_downloaded(
+        tmp_path, server):
+    # As the daemon does on SIGTERM: three images are in, the fourth hangs.
+    server.route("/images/20220330/c8Agbj08W6.png", hang(PNG + bytes(BUFFER_BYTES + 1)))
+    config = load(write_config(tmp_path, server.url, timeout=60, deadline=60))
+    seed(config)
+    with open_refresher(config) as refresher:
+        running = asyncio.create_task(refresher.refresh())
+        try:
+            async with asyncio.timeout(10):
+                while not any(p.name.endswith(".part") for p in _listing(config.paths.cache)) \
+                        or len(_cached(config)) < 3:
+                    await asyncio.sleep(0.02)
+            refresher.abandon()
+            async with asyncio.timeout(2):
+                with pytest.raises(RefreshAbandoned):
+                    await running
+        finally:
+            running.cancel()
+    assert not [p for p in config.paths.cache.iterdir() if p.name.startswith(".")]
+    server.route("/images/20220330/c8Agbj08W6.png", image(PNG + b"c8Agbj08W6.png"))
+    summary = await refresh(config)
+    assert (summary.images_fetched, summary.images_pending) == (1, 0)  # the three are kept
+    content = parse(config, "all/rss.xml").entries[0].content[0].value
+    assert "img.cls.cn" not in content
+    assert content.count(f"{BASE}/images/") == 4
+
+
+def _cached(config: Config) -> list[Path]:
+    return [p for p in _listing(config.paths.cache) if not p.name.startswith(".")]
 
 
 @pytest.mark.slow
