@@ -280,7 +280,8 @@ class Refresher:
                 self._update_source(root, file, known_hash, changes, reparse)
                 progress.advance("parse")
             for path in misnamed:
-                if path not in known:  # refused once, as any refused file is
+                # Refused once, as any refused file is; a real file may have its escaped name.
+                if path not in known and path not in found:
                     self._refuse(SourceFile(path, 0, 0), SourceError(path, MISNAMED), changes)
             self._save_pending(changes)
             if reparse and not self._abandon.is_set():

@@ -310,6 +310,18 @@ async def test_a_missing_sources_folder_fails_the_refresh_and_unpublishes_nothin
     assert (await refresh(config)).changed == 0
 
 
+async def test_a_file_named_as_a_misnamed_one_is_shown_is_still_published(
+        config: Config) -> None:
+    gbk = os.path.join(os.fsencode(config.paths.sources), "沪上.md".encode("gbk"))
+    write_source(config, "\\xbb\\xa6\\xc9\\xcf.md", dated("Real", 2))  # that name, escaped
+    fd = os.open(gbk, os.O_WRONLY | os.O_CREAT)
+    os.write(fd, dated("GBK", 1).encode())
+    os.close(fd)
+    for _ in range(2):
+        await refresh(config)
+        assert titles(config, "all") == ["Real"]
+
+
 async def test_touched_but_unchanged_file_is_not_reparsed(config: Config) -> None:
     source = write_source(config, "a.md", dated("A1", 1), mtime=T0)
     await refresh(config)
