@@ -103,6 +103,8 @@ def run(loader: _ConfigLoader) -> None:
     level = logging.getLogger().getEffectiveLevel()
     logging.basicConfig(force=True, level=min(level, logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
+    for chatty in ("apscheduler", "watchfiles"):  # a line per job run or change seen
+        logging.getLogger(chatty).setLevel(max(level, logging.WARNING))
     with _known_errors(config):
         asyncio.run(run_daemon(config))
 

@@ -13,9 +13,11 @@ import logging
 import os
 import signal
 import socket
+import stat
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -31,6 +33,7 @@ from feeder.exceptions import (
     path_error,
 )
 from feeder.refresh import FileLock, Refresher, RefreshSummary, open_refresher, refresh_lock
+from feeder.sources import is_source_name
 from feeder.web import ServerLog, make_app
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,8 @@ _COALESCE_SECONDS = 0.1
 #: Seconds the file watch waits for changes to settle (it also caps at ~1 s).
 _WATCH_STEP_MS = 200
 _WATCH_DEBOUNCE_MS = 1000
+#: Seconds between checks that the watched sources folder is still the one configured.
+_WATCH_RECHECK_SECONDS = 2.0
 #: Seconds a shutdown waits for an abandoned refresh to stop.
 _STOP_TIMEOUT = 3.0
 #: Seconds between two tries of a lock another process holds.
@@ -202,10 +207,13 @@ class Daemon:
     def _log_failure(self, error: Exception) -> str:
         """Log a failed refresh; why it failed, in one line.
 
-        A file the user controls (feeds/ is a file, no permission) is one line naming
-        it; anything else is a bug, logged with its traceback.
+        feeder's own errors (no sources folder) and a file the user controls (feeds/
+        is a file, no permission) are one line naming it; anything else is a bug,
+        logged with its traceback.
         """
-        known = path_error(error, self.config) if isinstance(error, OSError) else None
+        known: FeederError | None = error if isinstance(error, FeederError) else None
+        if isinstance(error, OSError):
+            known = path_error(error, self.config)
         if known is None:
             log.error("refresh failed", exc_info=error)
             return str(error)
@@ -226,14 +234,35 @@ class Daemon:
             await self.request_refresh()
 
     async def watch_sources(self) -> None:
-        """Refresh when files under sources/ change (debounced)."""
+        """Refresh when source files under sources/ change (debounced).
+
+        The watch follows the folder, not its first inode: a folder replaced (a share
+        mounted again, a deploy that swaps it) or created late is watched anew, and
+        refreshed at once. Changes to dot-files and other non-source files are ignored.
+        """
         from watchfiles import awatch
 
-        self.config.paths.sources.mkdir(parents=True, exist_ok=True)
-        async for _changes in awatch(self.config.paths.sources, step=_WATCH_STEP_MS,
-                                     debounce=_WATCH_DEBOUNCE_MS):
-            log.info("sources changed: refreshing")
-            self.trigger_refresh()
+        sources = self.config.paths.sources
+        watched: tuple[int, int] | None = None
+        while True:
+            current = _identity(sources)
+            if current != watched and watched is not None:
+                log.info("sources folder replaced: refreshing")
+                self.trigger_refresh()
+            watched = current
+            if current is None:  # not there (yet): the refreshes say so
+                await asyncio.sleep(_WATCH_RECHECK_SECONDS)
+                continue
+            async for changes in awatch(
+                sources, watch_filter=_is_watched_source, step=_WATCH_STEP_MS,
+                debounce=_WATCH_DEBOUNCE_MS, rust_timeout=int(_WATCH_RECHECK_SECONDS * 1000),
+                yield_on_timeout=True,
+            ):
+                if _identity(sources) != watched:
+                    break
+                if changes:
+                    log.info("sources changed: refreshing")
+                    self.trigger_refresh()
 
     async def stop(self) -> None:
         """Abandon the running refresh (what it did is kept) and wait for it briefly.
@@ -251,6 +280,23 @@ class Daemon:
                 await asyncio.gather(self._running, return_exceptions=True)
         if self._next is not None and not self._next.done():
             self._next.set_exception(RefreshAbandoned("daemon stopped"))
+
+
+def _identity(folder: Path) -> tuple[int, int] | None:
+    """(device, inode) of a folder; None if there is none."""
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+
+def _is_watched_source(change: object, path: str) -> bool:
+    """A change worth a refresh: a source file or a folder, outside dot-folders."""
+    name = os.path.basename(path)
+    if any(part.startswith(".") for part in Path(path).parts):
+        return False
+    return is_source_name(name) or "." not in name or os.path.isdir(path)  # or a folder
 
 
 # -- control socket ---------------------------------------------------------------------

@@ -271,8 +271,12 @@ def build_opml(feeds: Sequence[FeedInfo], config: Config) -> bytes:
     return ElementTree.tostring(opml, encoding="utf-8", xml_declaration=True) + b"\n"
 
 
-def build_index(feeds: Sequence[FeedInfo], counts: Mapping[str, int], config: Config) -> bytes:
-    """The index page: every feed for a person, with autodiscovery links for readers."""
+def build_index(feeds: Sequence[FeedInfo], counts: Mapping[str, int], total: int,
+                config: Config) -> bytes:
+    """The index page: every feed for a person, with autodiscovery links for readers.
+
+    ``counts`` are the articles of each category, ``total`` all articles.
+    """
     links = Links(config.site.base_url)
     esc = html.escape
     discovery = "".join(
@@ -281,7 +285,7 @@ def build_index(feeds: Sequence[FeedInfo], counts: Mapping[str, int], config: Co
     )
     rows = []
     for feed in feeds:
-        count = counts.get(feed.category, 0) if feed.category else sum(counts.values())
+        count = counts.get(feed.category, 0) if feed.category else total
         name = esc(feed.category or "All articles")
         formats = " ".join(
             f'<a href="{esc(links.feed(feed.folder, file))}">{label}</a>'

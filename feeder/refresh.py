@@ -445,7 +445,8 @@ class Refresher:
             progress.advance("write")
         if rebuild_index:
             written += self.output.write("index.opml", build_opml(feeds, self.config))
-            written += self.output.write("index.html", build_index(feeds, counts, self.config))
+            index = build_index(feeds, counts, self.store.count_articles(), self.config)
+            written += self.output.write("index.html", index)
         if everything or stale or changes.any or slugs != old_slugs:
             with self.store.transaction():
                 self.store.set_meta(_FINGERPRINT, fingerprint)

@@ -97,7 +97,7 @@ def scan_sources(root: Path, misnamed: list[str] | None = None) -> SourceStats:
                 continue
             if entry.is_dir(follow_symlinks=False):
                 stack.append(f"{prefix}{name}/")
-            elif name.lower().endswith(_SOURCE_ENDINGS):
+            elif is_source_name(name):
                 try:
                     st = entry.stat()
                 except FileNotFoundError:  # deleted between listing and stat, or a dangling link
@@ -112,6 +112,11 @@ def scan_sources(root: Path, misnamed: list[str] | None = None) -> SourceStats:
                 # SQLite integers are 64-bit; `touch -d 2300-01-01` goes past them.
                 found[path] = (st.st_size, min(st.st_mtime_ns, _MAX_INT64))
     return found
+
+
+def is_source_name(name: str) -> bool:
+    """Is a file of this name a source (by its suffix; dot-files never are)?"""
+    return not name.startswith(".") and name.lower().endswith(_SOURCE_ENDINGS)
 
 
 def _is_utf8(path: str) -> bool:

@@ -39,7 +39,7 @@ import pytest
 import yaml
 from multidict import CIMultiDict
 
-from feeder.daemon import Daemon, run_daemon
+from feeder.daemon import Daemon, _is_watched_source, run_daemon
 from feeder.exceptions import DaemonRunningError, RefreshAbandoned
 from feeder.refresh import open_refresher
 from tests.conftest import make_config, write_config_file, write_source
@@ -642,6 +642,52 @@ async def test_watch_publishes_a_new_file_without_any_command(start_daemon: Star
         rss = await daemon.get("/feeds/all/rss.xml")
         titles = [entry.title for entry in feedparser.parse(rss.body).entries]
     assert await daemon.refreshes() > before
+
+
+async def wait_for_title(daemon: RunningDaemon, title: str, limit: float = 15) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    titles: list[str] = []
+    while title not in titles:
+        assert loop.time() < deadline, f"never published; feed has {titles}\n{daemon.log()}"
+        await asyncio.sleep(0.1)
+        rss = await daemon.get("/feeds/all/rss.xml")
+        titles = [entry.title for entry in feedparser.parse(rss.body).entries]
+
+
+async def test_watch_follows_a_sources_folder_that_is_replaced(start_daemon: StartDaemon):
+    daemon = await start_daemon(watch=True)
+    # A deploy that swaps the folder, or a share mounted again: another inode.
+    daemon.sources.rename(daemon.root / "sources.old")
+    daemon.sources.mkdir()
+    (daemon.root / "sources.old" / "cls-seed.md").rename(daemon.sources / "cls-seed.md")
+    write_article(daemon.sources, "after.md", "换了文件夹之后")
+    await wait_for_title(daemon, "换了文件夹之后")
+    write_article(daemon.sources, "later.md", "再后来的文章")  # still watched
+    await wait_for_title(daemon, "再后来的文章")
+
+
+def test_the_watch_ignores_dot_files_and_editor_leftovers(tmp_path: Path) -> None:
+    (tmp_path / "folder.d").mkdir()
+    watched = {name: _is_watched_source(None, str(tmp_path / name))
+               for name in ("a.md", "b.HTML", "sub", "folder.d", ".a.md.swp", ".hidden.md",
+                            "a.md~", ".git/config", "notes.txt")}
+    assert watched == {"a.md": True, "b.HTML": True, "sub": True, "folder.d": True,
+                       ".a.md.swp": False, ".hidden.md": False, "a.md~": False,
+                       ".git/config": False, "notes.txt": False}
+
+
+async def test_a_refresh_failing_for_a_known_reason_is_one_log_line(daemon: RunningDaemon):
+    daemon.sources.rename(daemon.root / "unmounted")
+    result = await daemon.cli("refresh")
+    assert result.returncode == 1
+    assert "the sources folder does not exist" in result.stderr
+    log = daemon.log()
+    assert "refresh failed: " in log
+    assert "sources folder does not exist" in log
+    assert "Traceback" not in log
+    assert "Running job" not in log  # nor the scheduler's two lines per refresh
+    assert (await daemon.health())["ok"] is False
 
 
 async def run_cli(config_file: Path, *args: str) -> CliResult:

@@ -161,6 +161,9 @@ async def test_opml_and_index_list_every_feed(config: Config) -> None:
     index = lxml.html.fromstring((config.paths.feeds / "index.html").read_bytes())
     discovery = index.xpath('//head/link[@rel="alternate"][@type="application/rss+xml"]/@href')
     assert set(discovery) == expected
+    # The seed is in three categories: one article, each category counts it once.
+    counts = [li.text_content().split(":")[0] for li in index.xpath("//li")]
+    assert counts == ["All articles (1)", *(f"{c} (1)" for c in sorted(SEED_CATEGORIES))]
 
 
 async def test_mixed_folder_publishes_every_good_source(tmp_path: Path) -> None:
