@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import ipaddress
 import logging
+import os
 import random
 import re
 import socket
@@ -405,7 +406,46 @@ def sniff_image(head: bytes) -> tuple[str, str] | None:
 
 def cache_name(url: str, extension: str) -> str:
     """File name of ``url`` in the cache: a hash of the URL plus the real extension."""
-    return hashlib.sha256(url.encode("utf-8")).hexdigest()[:32] + extension
+    return _url_hash(url) + extension
+
+
+def _url_hash(url: str) -> str:
+    return hashlib.sha256(url.encode("utf-8")).hexdigest()[:32]
+
+
+def find_cached(urls: list[str], cache_dir: Path) -> tuple[list[CachedImage], list[str]]:
+    """Those of ``urls`` whose image is in the cache already, and the others, in order.
+
+    The state database says which images are cached; this is for when it does not
+    know (deleted, rebuilt): a file of the URL's name whose magic bytes say image.
+    """
+    try:
+        names = {name.partition(".")[0]: name for name in os.listdir(cache_dir)
+                 if not name.startswith(".")}
+    except FileNotFoundError:
+        names = {}
+    found: list[CachedImage] = []
+    missing: list[str] = []
+    for url in urls:
+        name = names.get(_url_hash(url))
+        image = _cached_file(url, cache_dir / name) if name else None
+        if image is None:
+            missing.append(url)
+        else:
+            found.append(image)
+    return found, missing
+
+
+def _cached_file(url: str, path: Path) -> CachedImage | None:
+    try:
+        with open(path, "rb") as f:
+            kind = sniff_image(f.read(SNIFF_BYTES))
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return None
+    if kind is None or cache_name(url, kind[1]) != path.name:
+        return None
+    return CachedImage(url=url, name=path.name, size=size, mime=kind[0])
 
 
 def retry_delay(failures: int, retry_after: float | None = None) -> timedelta:
@@ -565,6 +605,10 @@ async def fetch_images(
     refused, wanted = await asyncio.to_thread(split_refused, unique, config)
     for failure in refused:
         report(failure)
+    # A state database rebuilt finds images cached already, which the origin may have lost.
+    found, wanted = await asyncio.to_thread(find_cached, wanted, cache_dir)
+    for image in found:
+        report(image)
     if wanted:
         limits = _Limits(asyncio.Semaphore(config.concurrency), {}, config.per_host)
         resolver = _PublicOnlyResolver(_mirror_hosts(config))

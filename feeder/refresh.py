@@ -67,6 +67,8 @@ _RUNNING = "refresh_running"
 _FINGERPRINT = "fingerprint"
 #: Meta key of the settings the stored articles were parsed with.
 _PARSE_SETTINGS = "parse_settings"
+#: Meta key of the cache folder's identity and mtime when the last refresh ended.
+_CACHE_STATE = "cache_state"
 #: Meta key prefix (then a feed's folder) of the paths its last build showed, newest first.
 _SHOWN = "shown:"
 #: Meta key of each category's slug when feeds were last written.
@@ -228,9 +230,12 @@ class Refresher:
             seconds=round(time.perf_counter() - started, 3),
             errors=tuple(changes.errors),
         )
+        cache_state = _folder_state(self.config.paths.cache)
         with self.store.transaction():
             self.store.log_refresh(now, datetime.now(UTC), summary.to_dict())
             self.store.delete_meta(_RUNNING)
+            if cache_state != self.store.get_meta(_CACHE_STATE):
+                self.store.set_meta(_CACHE_STATE, cache_state)
         return summary
 
     def _tally(self, changed: bool) -> RefreshSummary:
@@ -279,6 +284,7 @@ class Refresher:
                 known_hash = self.store.source_hash(file.path) if file.path in known else None
                 self._update_source(root, file, known_hash, changes, reparse)
                 progress.advance("parse")
+            self._check_cache(changes)
             for path in misnamed:
                 # Refused once, as any refused file is; a real file may have its escaped name.
                 if path not in known and path not in found:
@@ -331,6 +337,31 @@ class Refresher:
         elif known_hash is not None and self.store.article(file.path):
             changes.removed_pages.add(file.path)
         self.store.put_source(file, digest, article, error, article.warnings if article else ())
+
+    def _check_cache(self, changes: _Changes) -> None:
+        """Forget cached images whose file is gone, if something changed the cache folder.
+
+        A folder's mtime moves when a file in it is added or removed: one stat a
+        refresh tells whether anything but feeder's own downloads touched the cache
+        (a hand clean-up, a restore, ``feeder gc``). Images whose file is gone are
+        fetched again, and the pages and feeds showing them rebuilt.
+        """
+        cache = self.config.paths.cache
+        if _folder_state(cache) == self.store.get_meta(_CACHE_STATE):
+            return
+        try:
+            present = set(os.listdir(cache))
+        except FileNotFoundError:
+            present = set()
+        cached = self.store.cached_image_names()
+        gone = [url for url, name in cached.items() if name not in present]
+        if gone:
+            log.warning("%d cached images are gone from %s: fetching them again", len(gone),
+                        cache)
+            self.store.forget_cached_images(gone)
+            showing = self.store.paths_showing(gone)
+            changes.pages |= showing
+            changes.categories |= self.store.categories_of(showing)
 
     def _refuse(self, file: SourceFile, error: SourceError, changes: _Changes) -> None:
         """Record a file that is never read (its name is not UTF-8) as refused."""
@@ -508,6 +539,15 @@ class Refresher:
         c = self.config
         return _digest([__version__, OUTPUT_VERSION, c.site.base_url, c.site.title,
                         c.schedule.interval, c.feeds.items, c.feeds.slugs, str(c.paths.feeds)])
+
+
+def _folder_state(folder: Path) -> str:
+    """What changes when a file is added to or removed from ``folder`` (or it is replaced)."""
+    try:
+        st = os.stat(folder)
+    except FileNotFoundError:
+        return ""
+    return f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}"
 
 
 def _digest(inputs: list[object]) -> str:

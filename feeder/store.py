@@ -328,6 +328,19 @@ class Store:
             found.update(p for (p,) in rows)
         return found
 
+    def cached_image_names(self) -> dict[str, str]:
+        """The cache file name of every cached image, by URL."""
+        rows = self._db.execute("SELECT url, name FROM images WHERE name IS NOT NULL")
+        return dict(rows.fetchall())
+
+    def forget_cached_images(self, urls: Iterable[str]) -> None:
+        """Mark images as not cached (their file is gone): due for a first attempt again."""
+        self._db.executemany(
+            "UPDATE images SET name = NULL, size = NULL, mime = NULL, fetched_at = NULL, "
+            "failures = 0, error = NULL, next_attempt = ? WHERE url = ?",
+            [(_DUE_NOW, url) for url in urls],
+        )
+
     def referenced_image_names(self) -> set[str]:
         """Cache file names that some article still references."""
         rows = self._db.execute(

@@ -25,6 +25,7 @@ from feeder.images import (
     cache_name,
     extract_image_urls,
     fetch_images,
+    find_cached,
     is_allowed,
     mirror_url,
     retry_delay,
@@ -692,3 +693,15 @@ def test_retry_delay_honours_retry_after():
     assert retry_delay(1, retry_after=600) == timedelta(minutes=10)
     assert retry_delay(5, retry_after=1) == timedelta(minutes=16)
     assert retry_delay(1, retry_after=10**9) == timedelta(days=1)
+
+
+def test_a_cached_file_counts_only_if_it_is_the_image_of_its_name(tmp_path: Path) -> None:
+    urls = [f"https://img.cls.cn/images/{name}" for name in ("a.png", "b.png", "c.gif", "d")]
+    (tmp_path / cache_name(urls[0], ".png")).write_bytes(PNG)
+    (tmp_path / cache_name(urls[1], ".png")).write_bytes(HTML_PAGE)  # not an image
+    (tmp_path / cache_name(urls[2], ".png")).write_bytes(GIF)  # a GIF under .png
+    (tmp_path / ("." + cache_name(urls[3], ".png") + ".tmp")).write_bytes(PNG)  # unfinished
+    found, missing = find_cached(urls, tmp_path)
+    assert found == [CachedImage(urls[0], cache_name(urls[0], ".png"), len(PNG), "image/png")]
+    assert missing == urls[1:]
+    assert find_cached(urls, tmp_path / "none") == ([], urls)

@@ -323,3 +323,56 @@ async def test_gc_removes_images_no_article_references(tmp_path, server):
     assert result.output.startswith("4 cached images removed")
     [kept] = config.paths.cache.iterdir()
     assert kept.read_bytes() == PNG + b"onulZV1B5w.png"
+
+
+# -- the cache and the state database disagree ------------------------------------------
+
+
+async def test_a_lost_state_database_keeps_the_cached_images_of_a_vanished_origin(tmp_path,
+                                                                                 server):
+    config = load(write_config(tmp_path, server.url))
+    seed(config)
+    await refresh(config)
+    cached = sorted(p.name for p in config.paths.cache.iterdir())
+    for path in config.paths.state.glob("feeder.sqlite*"):
+        path.unlink()
+    for name in SEED_IMAGES:  # img.cls.cn dropped its old images
+        server.route(f"/images/20220330/{name}", status(404))
+    before = server.total_requests
+    summary = await refresh(config)
+    assert server.total_requests == before  # the cache has them all
+    assert (summary.images_failed, summary.images_pending) == (0, 0)
+    content = parse(config, "all/rss.xml").entries[0].content[0].value
+    assert "img.cls.cn" not in content
+    assert content.count(f"{BASE}/images/") == 4
+    result = CliRunner().invoke(cli, ["-c", str(tmp_path / "config.yaml"), "gc"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in config.paths.cache.iterdir()) == cached
+
+
+async def test_a_cached_image_deleted_by_hand_is_fetched_again(tmp_path, server):
+    config = load(write_config(tmp_path, server.url))
+    seed(config)
+    await refresh(config)
+    [gone] = [p for p in config.paths.cache.iterdir() if p.read_bytes().endswith(b"c8Agbj08W6.png")]
+    gone.unlink()
+    summary = await refresh(config)
+    assert (summary.images_fetched, summary.images_pending) == (1, 0)
+    assert server.requests["/images/20220330/c8Agbj08W6.png"] == 2
+    assert gone.read_bytes() == PNG + b"c8Agbj08W6.png"
+
+
+async def test_an_emptied_cache_with_the_origin_down_publishes_original_urls(tmp_path, server):
+    config = load(write_config(tmp_path, server.url))
+    seed(config)
+    await refresh(config)
+    for path in config.paths.cache.iterdir():
+        path.unlink()
+    for name in SEED_IMAGES:
+        server.route(f"/images/20220330/{name}", status(503))
+    summary = await refresh(config)
+    assert (summary.images_failed, summary.images_pending) == (4, 4)
+    entry = parse(config, "all/rss.xml").entries[0]
+    assert "https://img.cls.cn/images/20220330/c8Agbj08W6.png" in entry.content[0].value
+    assert f"{BASE}/images/" not in entry.content[0].value  # no link to a missing file
+    assert not entry.get("enclosures")
