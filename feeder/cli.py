@@ -202,6 +202,9 @@ def status(loader: _ConfigLoader) -> None:
             state = "refreshing" if daemon["refreshing"] else "idle"
             click.echo(f"daemon: running (pid {daemon['pid']}, since {daemon['started']}), "
                        f"{state}")
+            if not daemon["ok"]:  # failed refreshes leave nothing in the store
+                click.echo(f"last refresh {daemon['last_refresh']}: failed: "
+                           f"{daemon['last_result']}")
         store = Store.open(config.database)
         try:
             _print_status(store)

@@ -688,6 +688,9 @@ async def test_a_refresh_failing_for_a_known_reason_is_one_log_line(daemon: Runn
     assert "Traceback" not in log
     assert "Running job" not in log  # nor the scheduler's two lines per refresh
     assert (await daemon.health())["ok"] is False
+    status = await daemon.cli("status")
+    assert ": failed: " in status.stdout
+    assert "the sources folder does not exist" in status.stdout
 
 
 async def run_cli(config_file: Path, *args: str) -> CliResult:
