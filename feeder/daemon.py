@@ -135,6 +135,8 @@ class Daemon:
         self.config = config
         self.refresher = refresher
         self.monitor = Monitor()
+        # What is published already, until the first refresh of this daemon tells.
+        self.monitor.articles = refresher.store.count_articles()
         self._lock = refresh_lock(config)
         self._next: asyncio.Future[RefreshSummary] | None = None
         self._running: asyncio.Task[None] | None = None

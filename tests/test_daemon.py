@@ -693,6 +693,20 @@ async def test_a_refresh_failing_for_a_known_reason_is_one_log_line(daemon: Runn
     assert "the sources folder does not exist" in status.stdout
 
 
+async def test_health_counts_what_is_published_even_if_the_first_refresh_fails(
+        start_daemon: StartDaemon):
+    def publish_then_unmount(root: Path) -> None:
+        config_file = _write_config(root, _free_port(), "http://127.0.0.1:9", watch=False)
+        subprocess.run([sys.executable, "-m", "feeder", "-c", str(config_file), "refresh"],
+                       check=True, capture_output=True, env=_env(), timeout=CLI_TIMEOUT)
+        (root / "sources").rename(root / "unmounted")
+
+    daemon = await start_daemon(prepare=publish_then_unmount)
+    health = await daemon.health()
+    assert (health["ok"], health["articles"]) == (False, 1)
+    assert (await daemon.metrics())["feeder_articles"] == 1
+
+
 async def run_cli(config_file: Path, *args: str) -> CliResult:
     """Run ``feeder -c CONFIG_FILE ARGS`` to the end, with no daemon fixture around."""
     return await finish(await asyncio.create_subprocess_exec(
