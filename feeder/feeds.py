@@ -248,7 +248,7 @@ def build_article_page(article: Article, images: Mapping[str, CachedImageInfo],
     byline = " · ".join(filter(None, [
         esc(article.author or ""),
         f'<time datetime="{_rfc3339(article.published)}">'
-        f'{article.published.strftime("%Y-%m-%d %H:%M UTC")}</time>',
+        f'{article.published.astimezone(config.site.tz).strftime("%Y-%m-%d %H:%M %z")}</time>',
         categories,
     ]))
     body = rewrite_image_urls(article.content, image_urls(images, links))

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from lxml import etree
 
 from feeder.config import Config
-from feeder.feeds import FeedInfo, build_feed, category_slugs, slugify
+from feeder.feeds import FeedInfo, build_article_page, build_feed, category_slugs, slugify
 from feeder.refresh import open_refresher
 from feeder.sources import SourceParser
 from feeder.types import Article
@@ -242,6 +242,13 @@ def test_item_link_is_the_page_unless_the_source_has_one(config: Config) -> None
     assert [i["url"] for i in items] == [
         "https://www.cls.cn/detail/1", f"http://feeds.example.test/feeds/articles/{page.id}.html"
     ]
+
+
+def test_a_page_shows_its_date_in_the_site_s_time_zone(config: Config) -> None:
+    article = make_article(config, "a.md", "A", datetime(2022, 3, 30, 3, 17, 49, tzinfo=UTC))
+    page = build_article_page(article, {}, {"金融": "金融"}, config).decode()
+    assert config.site.timezone == "Asia/Shanghai"
+    assert '<time datetime="2022-03-30T03:17:49Z">2022-03-30 11:17 +0800</time>' in page
 
 
 def test_category_feed_links_are_percent_encoded(config: Config,
