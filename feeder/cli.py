@@ -76,6 +76,10 @@ class _ConfigLoader:
             raise click.ClickException(f"config: {e}") from e
 
 
+#: Lines of each list (failing sources, warnings, failing images) ``status`` prints.
+STATUS_LINES = 20
+
+
 @contextmanager
 def _known_errors(config: Config) -> Iterator[None]:
     """Turn feeder's errors into one clear line and exit status 1.
@@ -219,15 +223,25 @@ def _print_status(store: Store) -> None:
     for r in refreshes:
         click.echo(f"refresh {r['finished']}: {RefreshSummary.from_dict(r).line()}")
     click.echo(f"{store.count_articles()} articles in {len(store.categories())} categories")
+    failing, warned = [], []
     for path, error, warnings in store.source_problems():
         if error:
-            click.echo(f"failing source {path}: {error}")
-        for warning in warnings:
-            click.echo(f"source {path}: warning: {warning}")
-    for image in store.failing_images():
-        when = f"{image.next_attempt:%Y-%m-%d %H:%M:%S}Z"
-        click.echo(f"failing image {image.url}: {image.error} "
-                   f"({image.failures} failures, next attempt {when})")
+            failing.append(f"failing source {path}: {error}")
+        warned += [f"source {path}: warning: {warning}" for warning in warnings]
+    images = [f"failing image {image.url}: {image.error} ({image.failures} failures, "
+              f"next attempt {image.next_attempt:%Y-%m-%d %H:%M:%S}Z)"
+              for image in store.failing_images()]
+    _echo_some(failing, "failing sources (feeder check lists them all)")
+    _echo_some(warned, "warnings (feeder check lists them all)")
+    _echo_some(images, "failing images")
+
+
+def _echo_some(lines: list[str], what: str) -> None:
+    """The first :data:`STATUS_LINES` of ``lines``, then how many more there are."""
+    for line in lines[:STATUS_LINES]:
+        click.echo(line)
+    if len(lines) > STATUS_LINES:
+        click.echo(f"... and {len(lines) - STATUS_LINES} more {what}")
 
 
 @cli.command()

@@ -301,6 +301,17 @@ def test_status_lists_failing_sources(config_file: Path, config: Config) -> None
     assert counts in out
 
 
+def test_status_shows_the_first_twenty_of_a_long_list(config_file: Path,
+                                                      config: Config) -> None:
+    for i in range(25):
+        write_source(config, f"undated/{i:02d}.md", "---\ntitle: Undated\n---\nx\n")
+    run(config_file, "refresh")
+    out = lines(run(config_file, "status").stdout)
+    warned = [line for line in out if line.startswith("source undated/")]
+    assert len(warned) == 20
+    assert "... and 5 more warnings (feeder check lists them all)" in out
+
+
 def test_status_forgets_a_fixed_source(config_file: Path, config: Config) -> None:
     write_source(config, "bad/gbk.md", BAD["bad/gbk.md"][0])
     run(config_file, "refresh")
