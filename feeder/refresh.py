@@ -8,6 +8,7 @@ so that a daemon's event loop keeps answering while a refresh runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -188,9 +189,11 @@ class Refresher:
         is atomic.
         """
         self._abandon.set()
-        if self._stop_images is not None:
-            event, loop = self._stop_images
-            loop.call_soon_threadsafe(event.set)
+        stop_images = self._stop_images
+        if stop_images is not None:
+            event, loop = stop_images
+            with contextlib.suppress(RuntimeError):  # the loop closed since: nothing to stop
+                loop.call_soon_threadsafe(event.set)
 
     def _check_abandoned(self) -> None:
         if self._abandon.is_set():
