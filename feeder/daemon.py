@@ -255,16 +255,20 @@ class Daemon:
             if current is None:  # not there (yet): the refreshes say so
                 await asyncio.sleep(_WATCH_RECHECK_SECONDS)
                 continue
-            async for changes in awatch(
-                sources, watch_filter=_is_watched_source, step=_WATCH_STEP_MS,
-                debounce=_WATCH_DEBOUNCE_MS, rust_timeout=int(_WATCH_RECHECK_SECONDS * 1000),
-                yield_on_timeout=True,
-            ):
-                if _identity(sources) != watched:
-                    break
-                if changes:
-                    log.info("sources changed: refreshing")
-                    self.trigger_refresh()
+            try:
+                async for changes in awatch(
+                    sources, watch_filter=_is_watched_source, step=_WATCH_STEP_MS,
+                    debounce=_WATCH_DEBOUNCE_MS, yield_on_timeout=True,
+                    rust_timeout=int(_WATCH_RECHECK_SECONDS * 1000),
+                ):
+                    if _identity(sources) != watched:
+                        break
+                    if changes:
+                        log.info("sources changed: refreshing")
+                        self.trigger_refresh()
+            except OSError as e:  # the scheduled refreshes go on; try again soon
+                log.warning("cannot watch %s: %s", sources, e)
+                await asyncio.sleep(_WATCH_RECHECK_SECONDS)
 
     async def stop(self) -> None:
         """Abandon the running refresh (what it did is kept) and wait for it briefly.
