@@ -18,7 +18,7 @@ from feeder import __version__
 from feeder.config import Config, load_config
 from feeder.daemon import ask_daemon, run_daemon
 from feeder.exceptions import FeederError, SourceError, path_error
-from feeder.refresh import RefreshSummary, lock, open_refresher
+from feeder.refresh import RefreshSummary, collect_garbage, lock, open_refresher
 from feeder.sources import (
     MISNAMED,
     SourceParser,
@@ -252,16 +252,7 @@ def gc(loader: _ConfigLoader) -> None:
     with _known_errors(config), lock(config):
         store = Store.open(config.database)
         try:
-            with store.transaction():
-                store.forget_unreferenced_images()
-            keep = store.referenced_image_names()
+            removed, freed, kept = collect_garbage(config, store)
         finally:
             store.close()
-        removed = freed = 0
-        cache = config.paths.cache
-        for file in sorted(cache.iterdir()) if cache.is_dir() else ():
-            if file.is_file() and file.name not in keep:
-                freed += file.stat().st_size
-                file.unlink()
-                removed += 1
-        click.echo(f"{removed} cached images removed, {freed} bytes freed, {len(keep)} kept")
+    click.echo(f"{removed} cached images removed, {freed} bytes freed, {kept} kept")

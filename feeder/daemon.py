@@ -242,22 +242,27 @@ class Daemon:
         mounted again, a deploy that swaps it) or created late is watched anew, and
         refreshed at once. Changes to dot-files and other non-source files are ignored.
         """
-        from watchfiles import awatch
+        from watchfiles import Change, awatch
 
         sources = self.config.paths.sources
-        watched: tuple[int, int] | None = None
+
+        def worth_a_refresh(change: Change, path: str) -> bool:
+            return _is_watched_source(sources, change is Change.deleted, path)
+
+        watched = _identity(sources)
+        last_error = ""
         while True:
             current = _identity(sources)
-            if current != watched and watched is not None:
+            if current != watched:
                 log.info("sources folder replaced: refreshing")
                 self.trigger_refresh()
-            watched = current
+                watched = current
             if current is None:  # not there (yet): the refreshes say so
                 await asyncio.sleep(_WATCH_RECHECK_SECONDS)
                 continue
             try:
                 async for changes in awatch(
-                    sources, watch_filter=_is_watched_source, step=_WATCH_STEP_MS,
+                    sources, watch_filter=worth_a_refresh, step=_WATCH_STEP_MS,
                     debounce=_WATCH_DEBOUNCE_MS, yield_on_timeout=True,
                     rust_timeout=int(_WATCH_RECHECK_SECONDS * 1000),
                 ):
@@ -266,8 +271,10 @@ class Daemon:
                     if changes:
                         log.info("sources changed: refreshing")
                         self.trigger_refresh()
-            except OSError as e:  # the scheduled refreshes go on; try again soon
-                log.warning("cannot watch %s: %s", sources, e)
+            except Exception as e:  # the scheduled refreshes go on; the watch tries again
+                if str(e) != last_error:
+                    log.warning("cannot watch %s: %s", sources, e)
+                    last_error = str(e)
                 await asyncio.sleep(_WATCH_RECHECK_SECONDS)
 
     async def stop(self) -> None:
@@ -297,12 +304,20 @@ def _identity(folder: Path) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
-def _is_watched_source(change: object, path: str) -> bool:
-    """A change worth a refresh: a source file or a folder, outside dot-folders."""
-    name = os.path.basename(path)
-    if any(part.startswith(".") for part in Path(path).parts):
+def _is_watched_source(sources: Path, deleted: bool, path: str) -> bool:
+    """Is a change to ``path`` (under ``sources``) worth a refresh?
+
+    Source files and folders are; dot-files and whatever is under a dot-folder are
+    not, nor other files (an editor's ``a.md~``). A deleted path may have been a folder.
+    """
+    try:
+        parts = Path(path).relative_to(sources).parts
+    except ValueError:  # reported through a link, resolved
+        parts = (os.path.basename(path),)
+    if any(part.startswith(".") for part in parts):
         return False
-    return is_source_name(name) or "." not in name or os.path.isdir(path)  # or a folder
+    name = parts[-1] if parts else ""
+    return is_source_name(name) or deleted or "." not in name or os.path.isdir(path)
 
 
 # -- control socket ---------------------------------------------------------------------

@@ -406,10 +406,11 @@ def sniff_image(head: bytes) -> tuple[str, str] | None:
 
 def cache_name(url: str, extension: str) -> str:
     """File name of ``url`` in the cache: a hash of the URL plus the real extension."""
-    return _url_hash(url) + extension
+    return cache_key(url) + extension
 
 
-def _url_hash(url: str) -> str:
+def cache_key(url: str) -> str:
+    """The part of a cached file's name that comes from its URL: the name up to its ``.``."""
     return hashlib.sha256(url.encode("utf-8")).hexdigest()[:32]
 
 
@@ -427,7 +428,7 @@ def find_cached(urls: list[str], cache_dir: Path) -> tuple[list[CachedImage], li
     found: list[CachedImage] = []
     missing: list[str] = []
     for url in urls:
-        name = names.get(_url_hash(url))
+        name = names.get(cache_key(url))
         image = _cached_file(url, cache_dir / name) if name else None
         if image is None:
             missing.append(url)

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from feeder import __version__
 from feeder.config import Config
-from feeder.exceptions import LockedError, RefreshAbandoned, SourceError
+from feeder.exceptions import FeederError, LockedError, RefreshAbandoned, SourceError
 from feeder.feeds import (
     ARTICLES_FOLDER,
     CATEGORIES_FOLDER,
@@ -44,10 +44,11 @@ from feeder.feeds import (
 from feeder.images import (
     CachedImage,
     ImageResult,
+    cache_key,
     fetch_images,
     retry_delay,
 )
-from feeder.output import OutputFolder, remove_temp_files
+from feeder.output import TEMP_SUFFIXES, OutputFolder, remove_temp_files
 from feeder.sources import (
     MISNAMED,
     SourceParser,
@@ -74,6 +75,8 @@ _CACHE_STATE = "cache_state"
 _SHOWN = "shown:"
 #: Meta key of each category's slug when feeds were last written.
 _SLUGS = "slugs"
+#: The content hash stored for a file refused for its name (it is never read).
+_MISNAMED_HASH = f"error:{MISNAMED}"
 #: Files at the top of ``feeds/`` that list every feed.
 _INDEX_FILES = ("index.opml", "index.html")
 
@@ -233,12 +236,9 @@ class Refresher:
             seconds=round(time.perf_counter() - started, 3),
             errors=tuple(changes.errors),
         )
-        cache_state = _folder_state(self.config.paths.cache)
         with self.store.transaction():
             self.store.log_refresh(now, datetime.now(UTC), summary.to_dict())
             self.store.delete_meta(_RUNNING)
-            if cache_state != self.store.get_meta(_CACHE_STATE):
-                self.store.set_meta(_CACHE_STATE, cache_state)
         return summary
 
     def _tally(self, changed: bool) -> RefreshSummary:
@@ -271,7 +271,9 @@ class Refresher:
         # Settings that change how a file parses: every source is parsed again.
         changed = [SourceFile(path, *stat) for path, stat in found.items()
                    if reparse or known.get(path) != stat]
-        removed = known.keys() - found.keys() - set(misnamed)
+        # A misnamed file's row is kept while it is there (not a real file's of that name).
+        refused_misnamed = {p for p in misnamed if self.store.source_hash(p) == _MISNAMED_HASH}
+        removed = known.keys() - found.keys() - refused_misnamed
         changes = _Changes()
         progress.start("parse", len(changed))
         with self.store.transaction():
@@ -290,8 +292,8 @@ class Refresher:
             self._check_cache(changes)
             for path in misnamed:
                 # Refused once, as any refused file is; a real file may have its escaped name.
-                if path not in known and path not in found:
-                    self._refuse(SourceFile(path, 0, 0), SourceError(path, MISNAMED), changes)
+                if path not in refused_misnamed and path not in found:
+                    self._refuse_misnamed(path, changes)
             self._save_pending(changes)
             if reparse and not self._abandon.is_set():
                 self.store.set_meta(_PARSE_SETTINGS, parse_settings)
@@ -345,13 +347,16 @@ class Refresher:
         """Forget cached images whose file is gone, if something changed the cache folder.
 
         A folder's mtime moves when a file in it is added or removed: one stat a
-        refresh tells whether anything but feeder's own downloads touched the cache
-        (a hand clean-up, a restore, ``feeder gc``). Images whose file is gone are
-        fetched again, and the pages and feeds showing them rebuilt.
+        refresh tells whether anything touched the cache since the last look (a hand
+        clean-up, a restore, ``feeder gc``, or feeder's own downloads, which cost one
+        listing in the next refresh). Images whose file is gone are fetched again, and
+        the pages and feeds showing them rebuilt.
         """
         cache = self.config.paths.cache
-        if _folder_state(cache) == self.store.get_meta(_CACHE_STATE):
+        state = _folder_state(cache)  # before the listing: a later change shows next time
+        if state == self.store.get_meta(_CACHE_STATE):
             return
+        self.store.set_meta(_CACHE_STATE, state)
         try:
             present = set(os.listdir(cache))
         except FileNotFoundError:
@@ -366,11 +371,11 @@ class Refresher:
             changes.pages |= showing
             changes.categories |= self.store.categories_of(showing)
 
-    def _refuse(self, file: SourceFile, error: SourceError, changes: _Changes) -> None:
-        """Record a file that is never read (its name is not UTF-8) as refused."""
-        self._note_refused(error, changes)
+    def _refuse_misnamed(self, path: str, changes: _Changes) -> None:
+        """Record a file whose name is not UTF-8 (it is never read) as refused."""
+        self._note_refused(SourceError(path, MISNAMED), changes)
         changes.count += 1
-        self.store.put_source(file, f"error:{error.reason}", None, _reason(error))
+        self.store.put_source(SourceFile(path, 0, 0), _MISNAMED_HASH, None, MISNAMED)
 
     @staticmethod
     def _note_refused(error: SourceError, changes: _Changes) -> None:
@@ -448,20 +453,20 @@ class Refresher:
         else:  # a new category can take another's slug: its pages must link the new one
             moved = [c for c, slug in slugs.items() if old_slugs.get(c, slug) != slug]
             changes.pages |= self.store.paths_in_categories(moved)
-        stale = [f for f in feeds if everything or self._feed_stale(f, changes)]
-        if everything or stale or changes.any:
-            self._plan_build(changes, stale, everything)
-        progress.start("write", len(stale) + len(changes.pages | changes.removed_pages))
         written = 0
         rebuild_index = everything or changes.any or not self.output.has_files("", _INDEX_FILES)
         if rebuild_index:
-            # Before writing feeds: on a file system blind to case, the folder of a
-            # category "X" replaced by "x" is the new one's too.
+            # Before feeds are checked and written: on a file system blind to case, the
+            # folder of a category "X" replaced by "x" is the new one's too.
             wanted = set(slugs.values())
             for slug in self.output.list_folder(CATEGORIES_FOLDER):
                 if slug not in wanted:
                     written += self.output.remove(category_folder(slug))
                     self.store.delete_meta(_SHOWN + category_folder(slug))
+        stale = [f for f in feeds if everything or self._feed_stale(f, changes)]
+        if everything or stale or changes.any:
+            self._plan_build(changes, stale, everything)
+        progress.start("write", len(stale) + len(changes.pages | changes.removed_pages))
         shown: dict[str, list[str]] = {}
         for feed in stale:
             self._check_abandoned()
@@ -613,6 +618,39 @@ def lock(config: Config, *, wait: bool = True) -> Iterator[None]:
         yield
     finally:
         held.release()
+
+
+def collect_garbage(config: Config, store: Store) -> tuple[int, int, int]:
+    """Delete cached images no article references: (files removed, bytes freed, kept).
+
+    A file is kept if its name comes from the URL of an image some article
+    references, whatever the state database says of it (it may be rebuilt). Temp
+    files a killed download left go too; other dot-files stay. The caller holds
+    the refresh lock, so no download is running.
+
+    Raises:
+        FeederError: no refresh finished since the last one began: the articles known
+            may be a part of those in ``sources/``, and the others' images would go.
+    """
+    if store.get_meta(_RUNNING) is not None or not store.last_refreshes(1):
+        raise FeederError("the last refresh did not finish: run `feeder refresh` first, "
+                          "or the images of articles it did not reach would be deleted")
+    with store.transaction():
+        store.forget_unreferenced_images()
+    keep = {cache_key(url) for url in store.referenced_image_urls()}
+    removed = freed = kept = 0
+    cache = config.paths.cache
+    for file in sorted(cache.iterdir()) if cache.is_dir() else ():
+        if not file.is_file() or (file.name.startswith(".")
+                                  and not file.name.endswith(TEMP_SUFFIXES)):
+            continue
+        if file.name.partition(".")[0] in keep:
+            kept += 1
+            continue
+        freed += file.stat().st_size
+        file.unlink()
+        removed += 1
+    return removed, freed, kept
 
 
 @contextmanager

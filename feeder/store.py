@@ -341,13 +341,9 @@ class Store:
             [(_DUE_NOW, url) for url in urls],
         )
 
-    def referenced_image_names(self) -> set[str]:
-        """Cache file names that some article still references."""
-        rows = self._db.execute(
-            "SELECT name FROM images WHERE name IS NOT NULL "
-            "AND url IN (SELECT url FROM article_images)"
-        )
-        return {name for (name,) in rows}
+    def referenced_image_urls(self) -> set[str]:
+        """The URL of every image some article references."""
+        return {url for (url,) in self._db.execute("SELECT DISTINCT url FROM article_images")}
 
     def forget_unreferenced_images(self) -> None:
         self._db.execute("DELETE FROM images WHERE url NOT IN (SELECT url FROM article_images)")

@@ -668,13 +668,27 @@ async def test_watch_follows_a_sources_folder_that_is_replaced(start_daemon: Sta
 
 
 def test_the_watch_ignores_dot_files_and_editor_leftovers(tmp_path: Path) -> None:
-    (tmp_path / "folder.d").mkdir()
-    watched = {name: _is_watched_source(None, str(tmp_path / name))
+    sources = tmp_path / ".local" / "sources"  # under a dot-folder itself
+    (sources / "folder.d").mkdir(parents=True)
+    watched = {name: _is_watched_source(sources, False, str(sources / name))
                for name in ("a.md", "b.HTML", "sub", "folder.d", ".a.md.swp", ".hidden.md",
-                            "a.md~", ".git/config", "notes.txt")}
+                            "a.md~", ".git/config", "notes.txt", "2022.03")}
     assert watched == {"a.md": True, "b.HTML": True, "sub": True, "folder.d": True,
                        ".a.md.swp": False, ".hidden.md": False, "a.md~": False,
-                       ".git/config": False, "notes.txt": False}
+                       ".git/config": False, "notes.txt": False, "2022.03": False}
+    # Gone, "2022.03" may have been a folder of sources.
+    assert _is_watched_source(sources, True, str(sources / "2022.03"))
+    assert not _is_watched_source(sources, True, str(sources / ".git"))
+
+
+async def test_watch_publishes_once_a_missing_sources_folder_appears(
+        start_daemon: StartDaemon):
+    def unmount(root: Path) -> None:
+        (root / "sources").rename(root / "unmounted")
+
+    daemon = await start_daemon(watch=True, prepare=unmount)
+    (daemon.root / "unmounted").rename(daemon.sources)  # mounted, late
+    await wait_for_title(daemon, "沪上险企战疫进行时：加强健康服务、保障菜篮子、线上线下同守_沪_")
 
 
 async def test_a_refresh_failing_for_a_known_reason_is_one_log_line(daemon: RunningDaemon):

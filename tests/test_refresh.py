@@ -323,6 +323,10 @@ async def test_a_file_named_as_a_misnamed_one_is_shown_is_still_published(
     for _ in range(2):
         await refresh(config)
         assert titles(config, "all") == ["Real"]
+    (config.paths.sources / "\\xbb\\xa6\\xc9\\xcf.md").unlink()
+    summary = await refresh(config)
+    assert (summary.articles, summary.failed) == (0, 1)  # the misnamed one, refused
+    assert titles(config, "all") == []
 
 
 async def test_touched_but_unchanged_file_is_not_reparsed(config: Config) -> None:

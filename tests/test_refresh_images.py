@@ -376,3 +376,31 @@ async def test_an_emptied_cache_with_the_origin_down_publishes_original_urls(tmp
     assert "https://img.cls.cn/images/20220330/c8Agbj08W6.png" in entry.content[0].value
     assert f"{BASE}/images/" not in entry.content[0].value  # no link to a missing file
     assert not entry.get("enclosures")
+
+
+class DeleteWhenWriting:
+    """Progress that deletes a file as the refresh starts writing feeds."""
+
+    def __init__(self, victim: Path) -> None:
+        self.victim = victim
+
+    def start(self, stage: str, total: int) -> None:
+        if stage == "write":
+            self.victim.unlink()
+
+    def advance(self, stage: str, amount: int = 1) -> None:
+        pass
+
+
+async def test_a_cached_image_deleted_during_a_refresh_is_noticed_by_the_next(tmp_path,
+                                                                            server):
+    config = load(write_config(tmp_path, server.url))
+    seed(config)
+    await refresh(config)
+    await refresh(config)
+    [victim] = [p for p in _cached(config) if p.read_bytes().endswith(b"c8Agbj08W6.png")]
+    with open_refresher(config) as refresher:
+        await refresher.refresh(DeleteWhenWriting(victim))
+    summary = await refresh(config)
+    assert summary.images_fetched == 1
+    assert victim.read_bytes() == PNG + b"c8Agbj08W6.png"
