@@ -208,7 +208,7 @@ class SourceParser:
         self._default_category = config.feeds.default_category
         self._image_config = config.images
         self._handler = _CYAMLHandler()
-        self._markdown = MarkdownIt("commonmark")
+        self._markdown = markdown_renderer()
         self._images = ImageCollector()
         self._cleaner = nh3.Cleaner(
             attributes={
@@ -356,6 +356,11 @@ class SourceParser:
             warnings.append(f"{key}: {shown} is before {MIN_YEAR}")
             return None
         return parsed
+
+
+def markdown_renderer() -> MarkdownIt:
+    """CommonMark, plus the tables and ~~strikethrough~~ of GitHub's Markdown (Hexo's)."""
+    return MarkdownIt("commonmark").enable(["table", "strikethrough"])
 
 
 def html_blocks_as_rendered(body: str) -> str | None:

@@ -15,7 +15,6 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from markdown_it import MarkdownIt
 
 import feeder.sources
 from feeder.config import Config
@@ -26,6 +25,7 @@ from feeder.sources import (
     SUMMARY_CHARS,
     SourceParser,
     html_blocks_as_rendered,
+    markdown_renderer,
     parse_date,
     read_source,
     scan_sources,
@@ -337,6 +337,16 @@ def test_markdown_body_is_rendered(parser: SourceParser) -> None:
     assert "<li>one</li>" in article.content
     assert "<em>raw</em>" in article.content  # raw HTML passes through
     assert "#" not in article.content
+
+
+def test_markdown_tables_and_strikethrough_render_as_hexo_shows_them(
+        parser: SourceParser) -> None:
+    body = "| 指数 | 涨跌 |\n|---|---:|\n| 沪指 | ~~-0.5%~~ +1.2% |\n"
+    content = parse(parser, front("title: t", body)).content
+    root = lxml.html.fromstring(content)
+    assert root.xpath("//th/text()") == ["指数", "涨跌"]
+    assert root.xpath("//td/s/text()") == ["-0.5%"]
+    assert "|" not in content
 
 
 def test_html_file_body_is_not_markdown(parser: SourceParser) -> None:
@@ -695,12 +705,12 @@ def test_html_block_bodies_render_as_markdown_it_does(lines: list[str]) -> None:
     body = "\n".join(lines).strip()
     fast = html_blocks_as_rendered(body)
     if fast is not None:
-        assert fast == MarkdownIt("commonmark").render(body)
+        assert fast == markdown_renderer().render(body)
 
 
 def test_seed_body_skips_the_markdown_parser() -> None:
     body = SEED_TEXT.split("---", 2)[2].strip()
-    assert html_blocks_as_rendered(body) == MarkdownIt("commonmark").render(body)
+    assert html_blocks_as_rendered(body) == markdown_renderer().render(body)
     assert html_blocks_as_rendered("<p>a</p>\n\n*b*") is None  # Markdown: parsed as such
 
 
