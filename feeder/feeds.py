@@ -218,12 +218,14 @@ def _json_feed(feed: FeedInfo, articles: Sequence[Article], bodies: Sequence[str
             item["authors"] = [{"name": article.author}]
         if article.categories or article.tags:
             item["tags"] = [*article.categories, *article.tags]
-        if article.headimg:
-            item["image"] = cached.get(article.headimg, article.headimg)
-            head = images.get(article.headimg)
-            if head is not None:
-                item["attachments"] = [{"url": item["image"], "mime_type": head.mime,
-                                        "size_in_bytes": head.size}]
+        # As RSS's enclosure: only from the cache (the origin refuses hotlinks).
+        shown = next((url for url in (article.headimg, article.thumbnail) if url in cached), None)
+        if shown is not None:
+            item["image"] = cached[shown]
+        head = images.get(article.headimg or "")
+        if head is not None:
+            item["attachments"] = [{"url": cached[article.headimg or ""], "mime_type": head.mime,
+                                    "size_in_bytes": head.size}]
         items.append(item)
     document = {
         "version": "https://jsonfeed.org/version/1.1",

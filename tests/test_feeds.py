@@ -18,7 +18,7 @@ from feeder.config import Config
 from feeder.feeds import FeedInfo, build_article_page, build_feed, category_slugs, slugify
 from feeder.refresh import open_refresher
 from feeder.sources import SourceParser
-from feeder.types import Article
+from feeder.types import Article, CachedImageInfo
 from tests.conftest import SEED_TEXT, article_text, make_config, write_source
 
 MTIME = datetime(2021, 6, 1, tzinfo=UTC)
@@ -311,6 +311,19 @@ def test_seed_in_every_format(config: Config) -> None:
     item = json.loads(docs[JSON])["items"][0]
     assert item["authors"] == [{"name": "财联社"}]
     assert "attachments" not in item
+    assert "image" not in item
+
+
+def test_json_item_image_is_a_cached_head_image_else_thumbnail(config: Config) -> None:
+    head, thumb = "https://img.cls.cn/images/h.png", "https://img.cls.cn/images/t.png"
+    article = make_article(config, "a.md", "A", datetime(2022, 3, 30, tzinfo=UTC),
+                           headimg=head, thumbnail=thumb)
+    for cached, image in (({}, None), ({thumb: "t.png"}, "t.png"),
+                          ({head: "h.png", thumb: "t.png"}, "h.png")):
+        infos = {url: CachedImageInfo(name, 10, "image/png") for url, name in cached.items()}
+        item = json.loads(build_feed(FINANCE, [article], infos, config)[JSON])["items"][0]
+        assert item.get("image") == (image and f"http://feeds.example.test/images/{image}")
+        assert ("attachments" in item) == (head in cached)
 
 
 def test_html_in_titles_and_content_is_escaped(config: Config) -> None:
