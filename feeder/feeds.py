@@ -33,7 +33,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 FEED_FILES = ("rss.xml", "atom.xml", "feed.json")
 #: Bump when the same articles and settings give other files (slugs, templates, formats):
 #: the next refresh rebuilds everything, so no page keeps a link to a moved feed.
-OUTPUT_VERSION = 4
+OUTPUT_VERSION = 5
 CATEGORIES_FOLDER = "categories"
 ARTICLES_FOLDER = "articles"
 #: Longest slug made from a name, in characters (a URL of 1,000 helps no one); in bytes,

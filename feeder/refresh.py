@@ -51,6 +51,7 @@ from feeder.images import (
 from feeder.output import TEMP_SUFFIXES, OutputFolder, remove_temp_files
 from feeder.sources import (
     MISNAMED,
+    PARSER_VERSION,
     SourceParser,
     article_id,
     content_hash,
@@ -539,7 +540,7 @@ class Refresher:
     def _parse_fingerprint(self) -> str:
         """What, besides a file's bytes, its parsed article depends on."""
         c = self.config
-        return _digest([__version__, c.site.timezone, c.feeds.default_category,
+        return _digest([__version__, PARSER_VERSION, c.site.timezone, c.feeds.default_category,
                         c.sources.max_bytes, sorted(c.images.allowed_hosts)])
 
     def _fingerprint(self) -> str:

@@ -358,6 +358,11 @@ class SourceParser:
         return parsed
 
 
+#: Bump when the same file and settings give another article (rendering, sanitizing):
+#: the next refresh parses every source again.
+PARSER_VERSION = 2
+
+
 def markdown_renderer() -> MarkdownIt:
     """CommonMark, plus the tables and ~~strikethrough~~ of GitHub's Markdown (Hexo's)."""
     return MarkdownIt("commonmark").enable(["table", "strikethrough"])
@@ -369,7 +374,8 @@ def html_blocks_as_rendered(body: str) -> str | None:
     Most sources are HTML in a ``.md`` file (the seed is). When every run of lines
     between blank lines opens with a block-level tag, each run is an HTML block that
     CommonMark passes through untouched, and only the blank lines are dropped. This
-    spares the Markdown parser; a test holds it to markdown-it's output.
+    spares the Markdown parser; a test holds it to markdown-it's output. (A run
+    whose first line holds a ``|`` may be a table's head instead: not spared.)
     """
     kept: list[str] = []
     at_block_start = True
@@ -377,7 +383,7 @@ def html_blocks_as_rendered(body: str) -> str | None:
         if not line.strip(" \t"):
             at_block_start = True
             continue
-        if at_block_start and not _HTML_BLOCK_START.match(line):
+        if at_block_start and (not _HTML_BLOCK_START.match(line) or "|" in line):
             return None
         at_block_start = False
         kept.append(line)

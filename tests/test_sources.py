@@ -697,6 +697,7 @@ BODY_LINES = [
     "<!-- comment -->", "<span>inline</span>", "> quote", "- item", "1. item",
     "[ref]: /url", "<p\u3000x>", "<pa>", "<p/>", "```", "", " ", "\t", " \t ",
     "a &amp; b", "<p>trailing  ", "===", "---",
+    "<p>来源 | 财联社</p>", "---|---", "| - | - |", "<div>a|b", "|---|",
 ]
 
 
@@ -712,6 +713,9 @@ def test_seed_body_skips_the_markdown_parser() -> None:
     body = SEED_TEXT.split("---", 2)[2].strip()
     assert html_blocks_as_rendered(body) == markdown_renderer().render(body)
     assert html_blocks_as_rendered("<p>a</p>\n\n*b*") is None  # Markdown: parsed as such
+    head_of_a_table = "<p>来源 | 财联社</p>\n---|---"  # a GFM table, to markdown-it
+    assert html_blocks_as_rendered(head_of_a_table) is None
+    assert "<table>" in markdown_renderer().render(head_of_a_table)
 
 
 IMAGE_FRAGMENTS = [
