@@ -313,7 +313,12 @@ class Refresher:
 
     def _update_source(self, root: Path, file: SourceFile, known_hash: str | None,
                        changes: _Changes, reparse: bool) -> None:
-        """Re-read one file whose stat changed; re-parse it if its content did."""
+        """Re-read one file whose stat changed; re-parse it if its content did.
+
+        A published article whose file is refused now (a YAML typo, a file caught
+        half-written) stays published as it last parsed, images and all, until the
+        file parses again or is deleted: the error is reported meanwhile.
+        """
         article: Article | None = None
         error: str | None = None
         try:
@@ -333,6 +338,9 @@ class Refresher:
                 error = _reason(e)
                 self._note_refused(e, changes)
         changes.count += 1
+        if article is None and known_hash is not None and self.store.article(file.path):
+            self.store.refuse_source(file, digest, error or "")  # the article stays
+            return
         if known_hash is not None:  # a new source has no old categories or page
             changes.categories |= self.store.categories_of([file.path])
         if article is not None:
@@ -340,8 +348,6 @@ class Refresher:
             changes.pages.add(file.path)
             for warning in article.warnings:
                 log.warning("%s: warning: %s", file.path, warning)
-        elif known_hash is not None and self.store.article(file.path):
-            changes.removed_pages.add(file.path)
         self.store.put_source(file, digest, article, error, article.warnings if article else ())
 
     def _check_cache(self, changes: _Changes) -> None:

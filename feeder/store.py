@@ -185,6 +185,14 @@ class Store:
             [(url, _DUE_NOW) for url in article.images],
         )
 
+    def refuse_source(self, file: SourceFile, digest: str, error: str) -> None:
+        """Record why a source is refused now, keeping the article it last gave."""
+        self._db.execute(
+            "UPDATE sources SET size = ?, mtime_ns = ?, hash = ?, error = ?, warnings = '[]' "
+            "WHERE path = ?",
+            (file.size, file.mtime_ns, digest, error, file.path),
+        )
+
     def delete_sources(self, paths: Iterable[str]) -> None:
         self._db.executemany("DELETE FROM sources WHERE path = ?", [(p,) for p in paths])
 

@@ -404,3 +404,25 @@ async def test_a_cached_image_deleted_during_a_refresh_is_noticed_by_the_next(tm
     summary = await refresh(config)
     assert summary.images_fetched == 1
     assert victim.read_bytes() == PNG + b"c8Agbj08W6.png"
+
+
+async def test_a_published_article_caught_broken_stays_published_with_its_images(tmp_path,
+                                                                               server):
+    config = load(write_config(tmp_path, server.url))
+    seed(config)
+    await refresh(config)
+    before = parse(config, "all/rss.xml").entries[0]
+    # Caught half-written, or a YAML typo: refused, reported, and the last good one stays.
+    seed(config, text=SEED.read_text(encoding="utf-8")[:200])
+    summary = await refresh(config)
+    assert (summary.failed, summary.articles) == (1, 1)
+    assert "cls-seed.md" in summary.errors[0]
+    entry = parse(config, "all/rss.xml").entries[0]
+    assert (entry.title, entry.content[0].value) == (before.title, before.content[0].value)
+    result = CliRunner().invoke(cli, ["-c", str(tmp_path / "config.yaml"), "gc"])
+    assert result.output.startswith("0 cached images removed"), result.output
+    assert len(_cached(config)) == 4
+    seed(config, text=SEED.read_text(encoding="utf-8").replace("沪上险企", "沪上保险"))
+    summary = await refresh(config)
+    assert (summary.failed, summary.articles) == (0, 1)
+    assert parse(config, "all/rss.xml").entries[0].title.startswith("沪上保险")
