@@ -364,10 +364,7 @@ class Refresher:
         if state == self.store.get_meta(_CACHE_STATE):
             return
         self.store.set_meta(_CACHE_STATE, state)
-        try:
-            present = set(os.listdir(cache))
-        except FileNotFoundError:
-            present = set()
+        present = set(_names(cache))
         cached = self.store.cached_image_names()
         gone = [url for url, name in cached.items() if name not in present]
         if gone:
@@ -556,6 +553,13 @@ class Refresher:
                         c.schedule.interval, c.feeds.items, c.feeds.slugs, str(c.paths.feeds)])
 
 
+def _names(folder: Path) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except FileNotFoundError:
+        return []
+
+
 def _folder_state(folder: Path) -> str:
     """What changes when a file is added to or removed from ``folder`` (or it is replaced)."""
     try:
@@ -636,15 +640,27 @@ def collect_garbage(config: Config, store: Store) -> tuple[int, int, int]:
     the refresh lock, so no download is running.
 
     Raises:
-        FeederError: no refresh finished since the last one began: the articles known
-            may be a part of those in ``sources/``, and the others' images would go.
+        FeederError: the articles known may not be all of those in ``sources/`` (no
+            refresh finished since the last began, or files changed since), and the
+            others' images would go; or no article references an image at all (an
+            unmounted share?), and every image would go.
     """
     if store.get_meta(_RUNNING) is not None or not store.last_refreshes(1):
         raise FeederError("the last refresh did not finish: run `feeder refresh` first, "
                           "or the images of articles it did not reach would be deleted")
+    misnamed: list[str] = []
+    found = scan_sources(config.paths.sources, misnamed)
+    known = store.source_stats()
+    if (any(known.get(path) != stat for path, stat in found.items())
+            or known.keys() - found.keys() - set(misnamed)):
+        raise FeederError("sources/ changed since the last refresh: run `feeder refresh` "
+                          "first, or the images of articles it has not seen would be deleted")
+    keep = {cache_key(url) for url in store.referenced_image_urls()}
+    if not keep and any(not name.startswith(".") for name in _names(config.paths.cache)):
+        raise FeederError("no article references an image (is sources/ mounted?): refusing "
+                          f"to delete every cached image; delete {config.paths.cache} instead")
     with store.transaction():
         store.forget_unreferenced_images()
-    keep = {cache_key(url) for url in store.referenced_image_urls()}
     removed = freed = kept = 0
     cache = config.paths.cache
     for file in sorted(cache.iterdir()) if cache.is_dir() else ():

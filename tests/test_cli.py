@@ -325,10 +325,10 @@ def test_status_forgets_a_fixed_source(config_file: Path, config: Config) -> Non
 
 
 def test_gc_removes_stray_files(config_file: Path, config: Config) -> None:
-    config.paths.sources.mkdir()
+    write_source(config, "cls-seed.md", SEED_TEXT)  # its images: referenced, not cached
     run(config_file, "refresh")
     cache = config.paths.cache
-    cache.mkdir(parents=True)
+    cache.mkdir(parents=True, exist_ok=True)
     (cache / "stray.png").write_bytes(b"x" * 100)
     (cache / "old.jpg").write_bytes(b"y" * 23)
     (cache / ".old.jpg.part").write_bytes(b"y" * 7)  # a killed download's
@@ -347,6 +347,37 @@ def test_gc_with_no_cache_folder(config_file: Path, config: Config) -> None:
     result = run(config_file, "gc")
     assert result.exit_code == 0
     assert result.stdout.strip().startswith("0 cached images removed")
+
+
+def test_gc_deletes_nothing_the_refreshes_have_not_seen(config_file: Path,
+                                                        config: Config) -> None:
+    write_source(config, "cls-seed.md", SEED_TEXT)
+    run(config_file, "refresh")
+    url = "https://img.cls.cn/images/20220330/c8Agbj08W6.png"
+    config.paths.cache.mkdir(exist_ok=True)
+    restored = config.paths.cache / cache_name(url, ".png")
+    restored.write_bytes(PNG)
+    # An article restored from a backup with its image, and no refresh since.
+    write_source(config, "restored.md", f'---\ntitle: r\n---\n<img src="{url}">')
+    (config.paths.sources / "cls-seed.md").unlink()
+    result = run(config_file, "gc")
+    assert result.exit_code == 1
+    assert "sources/ changed since the last refresh: run `feeder refresh` first" in result.output
+    assert restored.exists()
+    run(config_file, "refresh")
+    assert run(config_file, "gc").stdout.startswith("0 cached images removed")
+
+
+def test_gc_refuses_to_empty_the_cache(config_file: Path, config: Config) -> None:
+    # sources/ is an empty mount point: the refresh unpublished everything.
+    config.paths.sources.mkdir()
+    run(config_file, "refresh")
+    config.paths.cache.mkdir()
+    (config.paths.cache / "a.png").write_bytes(PNG)
+    result = run(config_file, "gc")
+    assert result.exit_code == 1
+    assert "no article references an image (is sources/ mounted?)" in result.output
+    assert (config.paths.cache / "a.png").exists()
 
 
 def test_gc_before_a_refresh_finished_deletes_nothing(config_file: Path,
@@ -380,6 +411,7 @@ def test_gc_keeps_referenced_images(config_file: Path, config: Config) -> None:
     assert sorted(p.name for p in cache.iterdir()) == [kept]
     # Once no article references it, it goes too.
     (config.paths.sources / "cls-seed.md").unlink()
+    write_source(config, "other.md", '---\ntitle: o\n---\n<img src="https://img.cls.cn/o.png">')
     run(config_file, "refresh")
     result = run(config_file, "gc")
     assert result.stdout.strip() == "1 cached images removed, 16 bytes freed, 0 kept"
