@@ -268,12 +268,14 @@ class Daemon:
                 ):
                     if _identity(sources) != watched:
                         break
+                    last_error = ""
                     if changes:
                         log.info("sources changed: refreshing")
                         self.trigger_refresh()
             except Exception as e:  # the scheduled refreshes go on; the watch tries again
-                if str(e) != last_error:
-                    log.warning("cannot watch %s: %s", sources, e)
+                if str(e) != last_error:  # once, not every few seconds
+                    log.warning("cannot watch %s: %s", sources, e,
+                                exc_info=not isinstance(e, OSError))
                     last_error = str(e)
                 await asyncio.sleep(_WATCH_RECHECK_SECONDS)
 
@@ -312,8 +314,8 @@ def _is_watched_source(sources: Path, deleted: bool, path: str) -> bool:
     """
     try:
         parts = Path(path).relative_to(sources).parts
-    except ValueError:  # reported through a link, resolved
-        parts = (os.path.basename(path),)
+    except ValueError:  # elsewhere (through a link, resolved): not a path to judge
+        return False
     if any(part.startswith(".") for part in parts):
         return False
     name = parts[-1] if parts else ""

@@ -23,8 +23,8 @@ from feedgen.feed import FeedEntry, FeedGenerator
 from lxml import etree
 
 from feeder import __version__
-from feeder.config import SLUG_MAX_BYTES, Config
-from feeder.images import rewrite_image_urls
+from feeder.config import SLUG_MAX_BYTES, Config, ImagesConfig
+from feeder.images import is_allowed, rewrite_image_urls
 from feeder.sources import article_guid
 from feeder.types import Article, CachedImageInfo
 
@@ -175,7 +175,8 @@ def build_feed(feed: FeedInfo, articles: Sequence[Article],
         gen.link([self_link, {"href": links.home(), "rel": "alternate"}], replace=True)
         documents[file] = gen.atom_str(pretty=True) if file == "atom.xml" else (
             gen.rss_str(pretty=True))
-    documents["feed.json"] = _json_feed(feed, articles, bodies, images, cached, links)
+    documents["feed.json"] = _json_feed(feed, articles, bodies, images, cached, links,
+                                        config.images)
     return documents
 
 
@@ -202,7 +203,7 @@ def _add_entry(entry: FeedEntry, article: Article, body: str,
 
 def _json_feed(feed: FeedInfo, articles: Sequence[Article], bodies: Sequence[str],
                images: Mapping[str, CachedImageInfo], cached: Mapping[str, str],
-               links: Links) -> bytes:
+               links: Links, images_config: ImagesConfig) -> bytes:
     """JSON Feed 1.1 (https://jsonfeed.org/version/1.1)."""
     items = []
     for article, body in zip(articles, bodies, strict=True):
@@ -218,10 +219,13 @@ def _json_feed(feed: FeedInfo, articles: Sequence[Article], bodies: Sequence[str
             item["authors"] = [{"name": article.author}]
         if article.categories or article.tags:
             item["tags"] = [*article.categories, *article.tags]
-        # As RSS's enclosure: only from the cache (the origin refuses hotlinks).
+        # From the cache (the origin refuses hotlinks), or as it is from a host feeder
+        # does not fetch from.
         shown = next((url for url in (article.headimg, article.thumbnail) if url in cached), None)
         if shown is not None:
             item["image"] = cached[shown]
+        elif article.headimg and not is_allowed(article.headimg, images_config):
+            item["image"] = article.headimg
         head = images.get(article.headimg or "")
         if head is not None:
             item["attachments"] = [{"url": cached[article.headimg or ""], "mime_type": head.mime,

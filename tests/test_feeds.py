@@ -324,6 +324,11 @@ def test_json_item_image_is_a_cached_head_image_else_thumbnail(config: Config) -
         item = json.loads(build_feed(FINANCE, [article], infos, config)[JSON])["items"][0]
         assert item.get("image") == (image and f"http://feeds.example.test/images/{image}")
         assert ("attachments" in item) == (head in cached)
+    # From a host feeder does not fetch from, it is left as it is.
+    elsewhere = make_article(config, "b.md", "B", datetime(2022, 3, 30, tzinfo=UTC),
+                             headimg="https://example.org/h.png")
+    item = json.loads(build_feed(FINANCE, [elsewhere], {}, config)[JSON])["items"][0]
+    assert item["image"] == "https://example.org/h.png"
 
 
 def test_html_in_titles_and_content_is_escaped(config: Config) -> None:
