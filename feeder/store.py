@@ -236,22 +236,11 @@ class Store:
 
     def paths_in_categories(self, categories: Iterable[str]) -> set[str]:
         """Paths of the articles in any of ``categories``."""
-        found: set[str] = set()
-        for category in categories:
-            rows = self._db.execute(
-                "SELECT path FROM article_categories WHERE category = ?", (category,)
-            )
-            found.update(p for (p,) in rows)
-        return found
+        return self._gather("SELECT path FROM article_categories WHERE category = ?",
+                            categories)
 
     def categories_of(self, paths: Iterable[str]) -> set[str]:
-        found: set[str] = set()
-        for path in paths:
-            rows = self._db.execute(
-                "SELECT category FROM article_categories WHERE path = ?", (path,)
-            )
-            found.update(c for (c,) in rows)
-        return found
+        return self._gather("SELECT category FROM article_categories WHERE path = ?", paths)
 
     def article_paths(self) -> list[str]:
         return [p for (p,) in self._db.execute("SELECT path FROM articles ORDER BY path")]
@@ -330,10 +319,16 @@ class Store:
 
     def paths_showing(self, urls: Iterable[str]) -> set[str]:
         """Paths of the articles that reference any of ``urls``."""
+        return self._gather("SELECT path FROM article_images WHERE url = ?", urls)
+
+    def _gather(self, query: str, keys: Iterable[str]) -> set[str]:
+        """The values ``query`` (one column, one ``?``) gives for any of ``keys``.
+
+        One indexed lookup per key: no ``IN (...)`` list to outgrow SQLite's limits.
+        """
         found: set[str] = set()
-        for url in urls:
-            rows = self._db.execute("SELECT path FROM article_images WHERE url = ?", (url,))
-            found.update(p for (p,) in rows)
+        for key in keys:
+            found.update(value for (value,) in self._db.execute(query, (key,)))
         return found
 
     def cached_image_names(self) -> dict[str, str]:
