@@ -635,18 +635,22 @@ async def test_a_source_dated_past_2262_is_published(config: Config) -> None:
     assert titles(config, "all") == ["Future"]
 
 
-class AbandonWhileWriting:
-    """Progress that asks the refresh to stop once it starts writing: it never finishes."""
+class AbandonAfter:
+    """Progress that abandons the refresh after ``steps`` steps of ``stage``: as a SIGTERM
+    (or a kill, or a full disk) would stop it there."""
 
-    def __init__(self, refresher: Refresher) -> None:
-        self.refresher = refresher
+    def __init__(self, refresher: Refresher, stage: str, steps: int) -> None:
+        self.refresher, self.stage, self.steps = refresher, stage, steps
 
     def start(self, stage: str, total: int) -> None:
-        if stage == "write":
+        if stage == self.stage and self.steps == 0:
             self.refresher.abandon()
 
     def advance(self, stage: str, amount: int = 1) -> None:
-        pass
+        if stage == self.stage:
+            self.steps -= amount
+            if self.steps <= 0:
+                self.refresher.abandon()
 
 
 async def test_temp_files_of_an_unfinished_refresh_are_removed_by_the_next(config: Config) -> None:
@@ -654,7 +658,7 @@ async def test_temp_files_of_an_unfinished_refresh_are_removed_by_the_next(confi
     await refresh(config)
     write_source(config, "new.md", dated("New", 2))
     with open_refresher(config) as refresher, pytest.raises(RefreshAbandoned):
-        await refresher.refresh(AbandonWhileWriting(refresher))
+        await refresher.refresh(AbandonAfter(refresher, "write", 0))
     # What a kill in the middle of writes leaves: temp files beside feeds, pages, images.
     page = article_page_path(article_id("new.md"))
     litter = [config.paths.feeds / ".index.html.tmp",
@@ -731,24 +735,6 @@ def test_kill_9_never_leaves_a_broken_file(tmp_path: Path) -> None:
 
 
 # -- interrupted refreshes --------------------------------------------------------------
-
-
-class AbandonAfter:
-    """Progress that abandons the refresh after ``steps`` steps of ``stage``: as a SIGTERM
-    (or a kill, or a full disk) would stop it there."""
-
-    def __init__(self, refresher: Refresher, stage: str, steps: int) -> None:
-        self.refresher, self.stage, self.steps = refresher, stage, steps
-
-    def start(self, stage: str, total: int) -> None:
-        if stage == self.stage and self.steps == 0:
-            self.refresher.abandon()
-
-    def advance(self, stage: str, amount: int = 1) -> None:
-        if stage == self.stage:
-            self.steps -= amount
-            if self.steps <= 0:
-                self.refresher.abandon()
 
 
 def contents(folder: Path) -> dict[str, bytes]:
