@@ -200,13 +200,6 @@ class Store:
         row = self._db.execute("SELECT data FROM articles WHERE path = ?", (path,)).fetchone()
         return _load_article(row[0]) if row else None
 
-    def articles(self, paths: Iterable[str]) -> Iterator[Article]:
-        """The articles at ``paths``, one at a time (memory does not grow with their number)."""
-        for path in paths:
-            article = self.article(path)
-            if article is not None:
-                yield article
-
     def newest_articles(self, category: str | None, limit: int) -> list[Article]:
         """The newest ``limit`` articles of ``category`` (None: of every category)."""
         return [_load_article(data) for (data,) in self._newest("data", category, limit)]
