@@ -59,7 +59,7 @@ from feeder.sources import (
     scan_sources,
 )
 from feeder.store import Store
-from feeder.types import Article, CachedImageInfo, SourceFile
+from feeder.types import Article, CachedImageInfo, SourceFile, SourceStats
 
 log = logging.getLogger(__name__)
 #: Meta key of what an unfinished refresh left to rebuild.
@@ -173,6 +173,32 @@ class _Changes:
             self.removed_pages |= set(data["removed_pages"])
 
 
+@dataclass(frozen=True)
+class _SourceScan:
+    """The sources folder, against what the store knows of it."""
+
+    #: ``(size, mtime_ns)`` of each source file found, and of each the store knows.
+    found: SourceStats
+    known: SourceStats
+    #: Files whose name is not UTF-8 (escaped), and those the store records as refused.
+    misnamed: list[str]
+    refused_misnamed: set[str]
+    #: Files found whose stat is not the known one (new ones too), and files gone.
+    changed: list[str]
+    removed: set[str]
+
+    @classmethod
+    def of(cls, root: Path, store: Store) -> _SourceScan:
+        misnamed: list[str] = []
+        found = scan_sources(root, misnamed)
+        known = store.source_stats()
+        # A misnamed file's row is kept while it is there (not a real file's of that name).
+        refused = {p for p in misnamed if store.source_hash(p) == _MISNAMED_HASH}
+        return cls(found, known, misnamed, refused,
+                   [path for path, stat in found.items() if known.get(path) != stat],
+                   known.keys() - found.keys() - refused)
+
+
 class Refresher:
     """Runs refreshes against one store and one output folder."""
 
@@ -264,17 +290,12 @@ class Refresher:
         """Scan, parse what changed; the number of files found, the changes, the images due."""
         self._start_running()
         root = self.config.paths.sources
-        misnamed: list[str] = []
-        found = scan_sources(root, misnamed)
-        known = self.store.source_stats()
+        scan = _SourceScan.of(root, self.store)
+        found, known, removed = scan.found, scan.known, scan.removed
         parse_settings = self._parse_fingerprint()
         reparse = self.store.get_meta(_PARSE_SETTINGS) != parse_settings
         # Settings that change how a file parses: every source is parsed again.
-        changed = [SourceFile(path, *stat) for path, stat in found.items()
-                   if reparse or known.get(path) != stat]
-        # A misnamed file's row is kept while it is there (not a real file's of that name).
-        refused_misnamed = {p for p in misnamed if self.store.source_hash(p) == _MISNAMED_HASH}
-        removed = known.keys() - found.keys() - refused_misnamed
+        changed = [SourceFile(path, *found[path]) for path in (found if reparse else scan.changed)]
         changes = _Changes()
         progress.start("parse", len(changed))
         with self.store.transaction():
@@ -291,15 +312,15 @@ class Refresher:
                 self._update_source(root, file, known_hash, changes, reparse)
                 progress.advance("parse")
             self._check_cache(changes)
-            for path in misnamed:
+            for path in scan.misnamed:
                 # Refused once, as any refused file is; a real file may have its escaped name.
-                if path not in refused_misnamed and path not in found:
+                if path not in scan.refused_misnamed and path not in found:
                     self._refuse_misnamed(path, changes)
             self._save_pending(changes)
             if reparse and not self._abandon.is_set():
                 self.store.set_meta(_PARSE_SETTINGS, parse_settings)
         self._check_abandoned()
-        return len(found) + len(misnamed), changes, self.store.images_to_fetch(now)
+        return len(found) + len(scan.misnamed), changes, self.store.images_to_fetch(now)
 
     def _start_running(self) -> None:
         """Mark a refresh as running; if the last one never finished, delete its temp files."""
@@ -648,11 +669,8 @@ def collect_garbage(config: Config, store: Store) -> tuple[int, int, int]:
     if store.get_meta(_RUNNING) is not None or not store.last_refreshes(1):
         raise FeederError("the last refresh did not finish: run `feeder refresh` first, "
                           "or the images of articles it did not reach would be deleted")
-    misnamed: list[str] = []
-    found = scan_sources(config.paths.sources, misnamed)
-    known = store.source_stats()
-    if (any(known.get(path) != stat for path, stat in found.items())
-            or known.keys() - found.keys() - set(misnamed)):
+    scan = _SourceScan.of(config.paths.sources, store)
+    if scan.changed or scan.removed:
         raise FeederError("sources/ changed since the last refresh: run `feeder refresh` "
                           "first, or the images of articles it has not seen would be deleted")
     keep = {cache_key(url) for url in store.referenced_image_urls()}
