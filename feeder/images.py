@@ -38,7 +38,7 @@ from lxml import etree
 from feeder import __version__
 from feeder.config import ImagesConfig
 from feeder.exceptions import ImageError
-from feeder.output import temp_path, write_atomically
+from feeder.output import folder_names, temp_path, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -420,11 +420,8 @@ def find_cached(urls: list[str], cache_dir: Path) -> tuple[list[CachedImage], li
     The state database says which images are cached; this is for when it does not
     know (deleted, rebuilt): a file of the URL's name whose magic bytes say image.
     """
-    try:
-        names = {name.partition(".")[0]: name for name in os.listdir(cache_dir)
-                 if not name.startswith(".")}
-    except FileNotFoundError:
-        names = {}
+    names = {name.partition(".")[0]: name for name in folder_names(cache_dir)
+             if not name.startswith(".")}
     found: list[CachedImage] = []
     missing: list[str] = []
     for url in urls:

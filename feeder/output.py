@@ -19,6 +19,14 @@ def temp_path(target: Path, suffix: str) -> Path:
     return target.with_name(f".{target.name}{suffix}")
 
 
+def folder_names(folder: Path) -> list[str]:
+    """The names in ``folder``, in no order; none if it does not exist."""
+    try:
+        return os.listdir(folder)
+    except FileNotFoundError:
+        return []
+
+
 def remove_temp_files(folder: Path) -> int:
     """Delete every temp file under ``folder``, as a killed write leaves them. How many."""
     removed = 0
@@ -112,7 +120,4 @@ class OutputFolder:
 
     def list_folder(self, relative: str) -> list[str]:
         """Names in a sub-folder (empty if it does not exist)."""
-        try:
-            return sorted(os.listdir(self.path(relative)))
-        except FileNotFoundError:
-            return []
+        return sorted(folder_names(self.path(relative)))

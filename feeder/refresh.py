@@ -48,7 +48,7 @@ from feeder.images import (
     fetch_images,
     retry_delay,
 )
-from feeder.output import TEMP_SUFFIXES, OutputFolder, remove_temp_files
+from feeder.output import TEMP_SUFFIXES, OutputFolder, folder_names, remove_temp_files
 from feeder.sources import (
     MISNAMED,
     PARSER_VERSION,
@@ -385,7 +385,7 @@ class Refresher:
         if state == self.store.get_meta(_CACHE_STATE):
             return
         self.store.set_meta(_CACHE_STATE, state)
-        present = set(_names(cache))
+        present = set(folder_names(cache))
         cached = self.store.cached_image_names()
         gone = [url for url, name in cached.items() if name not in present]
         if gone:
@@ -574,13 +574,6 @@ class Refresher:
                         c.schedule.interval, c.feeds.items, c.feeds.slugs, str(c.paths.feeds)])
 
 
-def _names(folder: Path) -> list[str]:
-    try:
-        return os.listdir(folder)
-    except FileNotFoundError:
-        return []
-
-
 def _folder_state(folder: Path) -> str:
     """What changes when a file is added to or removed from ``folder`` (or it is replaced)."""
     try:
@@ -674,7 +667,7 @@ def collect_garbage(config: Config, store: Store) -> tuple[int, int, int]:
         raise FeederError("sources/ changed since the last refresh: run `feeder refresh` "
                           "first, or the images of articles it has not seen would be deleted")
     keep = {cache_key(url) for url in store.referenced_image_urls()}
-    if not keep and any(not name.startswith(".") for name in _names(config.paths.cache)):
+    if not keep and any(not name.startswith(".") for name in folder_names(config.paths.cache)):
         raise FeederError("no article references an image (is sources/ mounted?): refusing "
                           f"to delete every cached image; delete {config.paths.cache} instead")
     with store.transaction():
