@@ -126,7 +126,7 @@ def category_slugs(categories: Iterable[str], overrides: Mapping[str, str]) -> d
     slugs = {name: slug for name, slug in wanted.items() if count[slug.casefold()] == 1}
     taken = {slug.casefold() for slug in slugs.values()}
     for name in sorted(wanted.keys() - slugs.keys()):
-        digest = hashlib.sha1(name.encode("utf-8")).hexdigest()
+        digest = _name_hash(name)
         candidates = [f"{wanted[name]}-{digest[:n]}" for n in (*_SUFFIX_DIGITS, len(digest))]
         slug = next((c for c in candidates if c.casefold() not in taken), candidates[-1])
         slugs[name] = slug
@@ -326,7 +326,12 @@ def _rfc3339(value: datetime) -> str:
 
 
 def _short_hash(name: str) -> str:
-    return hashlib.sha1(name.encode("utf-8")).hexdigest()[: _SUFFIX_DIGITS[0]]
+    return _name_hash(name)[: _SUFFIX_DIGITS[0]]
+
+
+def _name_hash(name: str) -> str:
+    """The SHA-1 of a category name, in hex: where slug suffixes come from."""
+    return hashlib.sha1(name.encode("utf-8")).hexdigest()
 
 
 class _EnclosureExtension(BaseExtension):
