@@ -179,7 +179,7 @@ class _SourceScan:
 
     #: ``(size, mtime_ns)`` of each source file found, and of each the store knows.
     found: SourceStats
-    known: SourceStats
+    known: Mapping[str, tuple[int, int]]
     #: Files whose name is not UTF-8 (escaped), and those the store records as refused.
     misnamed: list[str]
     refused_misnamed: set[str]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -96,6 +96,9 @@ class Store:
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
+        #: :meth:`source_stats` as last read, and the ``data_version`` it was read at;
+        #: None once this connection wrote to ``sources``.
+        self._source_stats: tuple[SourceStats, int] | None = None
 
     @classmethod
     def open(cls, path: Path) -> Store:
@@ -137,10 +140,18 @@ class Store:
 
     # -- sources and articles ---------------------------------------------------------
 
-    def source_stats(self) -> SourceStats:
-        """``(size, mtime_ns)`` of every known source: all a rescan compares."""
-        rows = self._db.execute("SELECT path, size, mtime_ns FROM sources")
-        return {path: (size, mtime) for path, size, mtime in rows}
+    def source_stats(self) -> Mapping[str, tuple[int, int]]:
+        """``(size, mtime_ns)`` of every known source: all a rescan compares.
+
+        Kept between calls while no connection wrote to ``sources``: a no-op refresh
+        then reads one number instead of every source's row (``data_version`` moves
+        when another connection commits; this one's writes forget the copy).
+        """
+        version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        if self._source_stats is None or self._source_stats[1] != version:
+            rows = self._db.execute("SELECT path, size, mtime_ns FROM sources")
+            self._source_stats = {path: (size, mtime) for path, size, mtime in rows}, version
+        return self._source_stats[0]
 
     def source_hash(self, path: str) -> str | None:
         """The content hash of a known source when it was last read; None if unknown."""
@@ -149,6 +160,7 @@ class Store:
 
     def touch_source(self, file: SourceFile) -> None:
         """Remember new stat figures of a file whose content did not change."""
+        self._source_stats = None
         self._db.execute(
             "UPDATE sources SET size = ?, mtime_ns = ? WHERE path = ?",
             (file.size, file.mtime_ns, file.path),
@@ -157,6 +169,7 @@ class Store:
     def put_source(self, file: SourceFile, digest: str, article: Article | None,
                    error: str | None, warnings: Sequence[str] = ()) -> None:
         """Record a scanned source and its content hash: its article, or why it was refused."""
+        self._source_stats = None
         path = file.path
         self._db.execute("DELETE FROM articles WHERE path = ?", (path,))
         self._db.execute(
@@ -187,6 +200,7 @@ class Store:
 
     def refuse_source(self, file: SourceFile, digest: str, error: str) -> None:
         """Record why a source is refused now, keeping the article it last gave."""
+        self._source_stats = None
         self._db.execute(
             "UPDATE sources SET size = ?, mtime_ns = ?, hash = ?, error = ?, warnings = '[]' "
             "WHERE path = ?",
@@ -194,6 +208,7 @@ class Store:
         )
 
     def delete_sources(self, paths: Iterable[str]) -> None:
+        self._source_stats = None
         self._db.executemany("DELETE FROM sources WHERE path = ?", [(p,) for p in paths])
 
     def article(self, path: str) -> Article | None:

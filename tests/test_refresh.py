@@ -227,6 +227,32 @@ async def test_no_op_refresh_reports_what_another_process_published(config: Conf
     assert (summary.changed, summary.articles, summary.failed) == (0, 2, 1)
 
 
+async def test_a_daemon_unpublishes_a_file_another_process_published(config: Config) -> None:
+    write_source(config, "a.md", dated("A1", 1))
+    with open_refresher(config) as daemon:
+        await daemon.refresh()
+        await daemon.refresh()  # its no-op: nothing in the store changed since its last look
+        added = write_source(config, "b.md", dated("B1", 2))
+        assert (await refresh(config)).articles == 2  # `feeder refresh` with no daemon
+        assert titles(config, "all") == ["B1", "A1"]
+        added.unlink()
+        summary = await daemon.refresh()
+    assert (summary.changed, summary.articles) == (1, 1)
+    assert titles(config, "all") == ["A1"]
+
+
+async def test_a_daemon_unpublishes_a_file_it_published(config: Config) -> None:
+    write_source(config, "a.md", dated("A1", 1))
+    with open_refresher(config) as daemon:
+        await daemon.refresh()
+        added = write_source(config, "b.md", dated("B1", 2))
+        assert (await daemon.refresh()).articles == 2
+        added.unlink()
+        summary = await daemon.refresh()
+    assert (summary.changed, summary.articles) == (1, 1)
+    assert titles(config, "all") == ["A1"]
+
+
 async def test_editing_one_article_rewrites_only_its_feeds(config: Config) -> None:
     write_source(config, "a.md", dated("A1", 1, "A"), mtime=T0)
     write_source(config, "b.md", dated("B1", 2, "B"), mtime=T0)
