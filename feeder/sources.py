@@ -97,7 +97,7 @@ def scan_sources(root: Path, misnamed: list[str] | None = None) -> SourceStats:
                 continue
             if entry.is_dir(follow_symlinks=False):
                 stack.append(f"{prefix}{name}/")
-            elif is_source_name(name):
+            elif name.lower().endswith(_SOURCE_ENDINGS):  # is_source_name, as it runs per file
                 try:
                     st = entry.stat()
                 except FileNotFoundError:  # deleted between listing and stat, or a dangling link
@@ -110,7 +110,8 @@ def scan_sources(root: Path, misnamed: list[str] | None = None) -> SourceStats:
                         misnamed.append(printable_path(path))
                     continue
                 # SQLite integers are 64-bit; `touch -d 2300-01-01` goes past them.
-                found[path] = (st.st_size, min(st.st_mtime_ns, _MAX_INT64))
+                mtime = st.st_mtime_ns
+                found[path] = (st.st_size, mtime if mtime < _MAX_INT64 else _MAX_INT64)
     return found
 
 
