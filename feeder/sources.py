@@ -219,7 +219,11 @@ class SourceParser:
                     "srcset", "sizes", "data-src", "data-original", "data-srcset",
                 },
                 "source": {"srcset", "sizes", "media", "type"},
+                # A Markdown table's column alignment (markdown-it writes it as a style).
+                "th": {*nh3.ALLOWED_ATTRIBUTES["th"], "style"},
+                "td": {*nh3.ALLOWED_ATTRIBUTES["td"], "style"},
             },
+            filter_style_properties={"text-align"},
             tags=nh3.ALLOWED_TAGS | {"picture", "source"},
             # img.cls.cn refuses hotlinks with a Referer; images not cached yet still load.
             set_tag_attribute_values={"img": {"referrerpolicy": "no-referrer"}},
@@ -361,7 +365,7 @@ class SourceParser:
 
 #: Bump when the same file and settings give another article (rendering, sanitizing):
 #: the next refresh parses every source again.
-PARSER_VERSION = 2
+PARSER_VERSION = 3
 
 
 def markdown_renderer() -> MarkdownIt:

@@ -346,7 +346,15 @@ def test_markdown_tables_and_strikethrough_render_as_hexo_shows_them(
     root = lxml.html.fromstring(content)
     assert root.xpath("//th/text()") == ["指数", "涨跌"]
     assert root.xpath("//td/s/text()") == ["-0.5%"]
+    assert [th.get("style") for th in root.xpath("//th")] == [None, "text-align:right"]
     assert "|" not in content
+
+
+def test_table_cells_keep_their_alignment_and_no_other_style(parser: SourceParser) -> None:
+    body = ('<table><tr><td style="text-align: center; position: fixed; color: red">'
+            "1</td></tr></table>")
+    content = parse(parser, front("title: t", body)).content
+    assert lxml.html.fromstring(content).xpath("//td/@style") == ["text-align:center"]
 
 
 def test_html_file_body_is_not_markdown(parser: SourceParser) -> None:
