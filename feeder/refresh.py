@@ -16,12 +16,12 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from feeder import __version__
 from feeder.config import Config
@@ -62,6 +62,7 @@ from feeder.store import Store
 from feeder.types import Article, CachedImageInfo, SourceFile, SourceStats
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 #: Meta key of what an unfinished refresh left to rebuild.
 _PENDING = "pending_build"
 #: Meta key set while a refresh runs: still set at the start of the next one, if killed.
@@ -240,11 +241,26 @@ class Refresher:
         started = time.perf_counter()
         now = now or datetime.now(UTC)
         # Each stage is one trip to a worker thread: a no-op refresh is a few ms in all.
-        scanned, changes, due = await asyncio.to_thread(self._update_sources, progress, now)
+        scanned, changes, due = await self._in_thread(self._update_sources, progress, now)
         fetched, failed = await self._update_images(due, changes, now, progress)
-        return await asyncio.to_thread(
+        return await self._in_thread(
             self._finish, scanned, changes, fetched, failed, progress, started, now
         )
+
+    async def _in_thread(self, stage: Callable[..., _T], *args: Any) -> _T:
+        """Run a stage in a worker thread, to keep the event loop free.
+
+        Cancelled (SIGTERM, Ctrl-C), the refresh is abandoned and the thread waited
+        for, as it stops at its next file: the store must not be closed under it.
+        """
+        work = asyncio.ensure_future(asyncio.to_thread(stage, *args))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            self.abandon()
+            with contextlib.suppress(Exception):  # RefreshAbandoned, or what it met first
+                await work
+            raise
 
     def _finish(self, scanned: int, changes: _Changes, fetched: int, failed: int,
                 progress: Progress, started: float, now: datetime) -> RefreshSummary:
@@ -426,7 +442,7 @@ class Refresher:
             )
         finally:
             self._stop_images = None
-        recorded = await asyncio.to_thread(self._record_images, results, changes, now)
+        recorded = await self._in_thread(self._record_images, results, changes, now)
         self._check_abandoned()
         return recorded
 

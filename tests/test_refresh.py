@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -11,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -677,6 +679,48 @@ class AbandonAfter:
             self.steps -= amount
             if self.steps <= 0:
                 self.refresher.abandon()
+
+
+class HoldAfterFirstFile:
+    """Progress that holds the worker thread after its first parsed file, as a slow file
+    (a big one, a hung network share) would."""
+
+    def __init__(self) -> None:
+        self.held, self.release = threading.Event(), threading.Event()
+        self.parsed = 0
+
+    def start(self, stage: str, total: int) -> None:
+        pass
+
+    def advance(self, stage: str, amount: int = 1) -> None:
+        if stage == "parse":
+            self.parsed += amount
+            if self.parsed == 1:
+                self.held.set()
+                self.release.wait(10)
+
+
+async def test_a_cancelled_refresh_ends_with_its_worker_and_keeps_what_it_parsed(
+        config: Config) -> None:
+    """Ctrl-C on `feeder refresh`, or a daemon's SIGTERM: the refresh is cancelled."""
+    write_source(config, "cls-seed.md", SEED_TEXT)
+    await refresh(config)
+    for day in range(1, 6):
+        write_source(config, f"a{day}.md", dated(f"A{day}", day))
+    progress = HoldAfterFirstFile()
+    with open_refresher(config) as refresher:
+        running = asyncio.create_task(refresher.refresh(progress))
+        await asyncio.to_thread(progress.held.wait, 10)
+        running.cancel()
+        asyncio.get_running_loop().call_later(0.2, progress.release.set)
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        # It ended once its worker had (the store is closed next), and that stopped at
+        # the next file instead of parsing them all.
+        assert progress.release.is_set()
+        assert progress.parsed == 1
+    summary = await refresh(config)
+    assert (summary.changed, summary.articles) == (4, 6)
 
 
 async def test_temp_files_of_an_unfinished_refresh_are_removed_by_the_next(config: Config) -> None:
