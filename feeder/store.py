@@ -18,6 +18,8 @@ from typing import Any
 from feeder.exceptions import StoreError
 from feeder.types import Article, CachedImageInfo, SourceFile, SourceStats
 
+#: Bump with any change to _SCHEMA (a database of this version is not written on open),
+#: and bring an older one up to date in _prepare.
 _SCHEMA_VERSION = 2
 #: ``next_attempt`` of an image never tried: due at once.
 _DUE_NOW = "1970-01-01T00:00:00+00:00"
@@ -106,17 +108,11 @@ class Store:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            db.execute("PRAGMA journal_mode = WAL")
-            db.execute("PRAGMA synchronous = NORMAL")
-            db.execute("PRAGMA foreign_keys = ON")
-            db.execute("PRAGMA busy_timeout = 5000")
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, 1, _SCHEMA_VERSION):
-                raise StoreError(f"{path}: schema version {version} is not supported")
-            db.executescript(_SCHEMA)
-            if version == 1:  # version 2: every referenced image has a row in images
-                db.execute(_NEW_IMAGES, (_DUE_NOW,))
-            db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            try:
+                _prepare(db, path)
+            except BaseException:
+                db.close()
+                raise
         except sqlite3.Error as e:
             raise StoreError(f"{path}: cannot open the state database: {e}") from e
         return cls(db)
@@ -390,6 +386,27 @@ class Store:
 def _iso(value: datetime) -> str:
     """A sortable UTC timestamp string (every datetime in feeder is aware)."""
     return value.astimezone(UTC).isoformat()
+
+
+def _prepare(db: sqlite3.Connection, path: Path) -> None:
+    """Set up a new connection; create the tables of a new database, or update an older one.
+
+    Only the latter writes: opening the store to read (`feeder status`) while a refresh
+    holds the write lock must not wait for it.
+    """
+    db.execute("PRAGMA busy_timeout = 5000")
+    db.execute("PRAGMA synchronous = NORMAL")
+    db.execute("PRAGMA foreign_keys = ON")
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version == _SCHEMA_VERSION:
+        return
+    if version not in (0, 1):
+        raise StoreError(f"{path}: schema version {version} is not supported")
+    db.execute("PRAGMA journal_mode = WAL")  # kept by the database file
+    db.executescript(_SCHEMA)
+    if version == 1:  # version 2: every referenced image has a row in images
+        db.execute(_NEW_IMAGES, (_DUE_NOW,))
+    db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
 
 def _dump_article(article: Article) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -299,6 +300,20 @@ def test_status_lists_failing_sources(config_file: Path, config: Config) -> None
     assert "failing image https://img.cls.cn/images/20220330/8ZNa70Fbl8.png" in out
     counts = f"{len(GOOD) + len(WARNED)} articles"
     assert counts in out
+
+
+def test_status_answers_while_a_refresh_holds_the_database(config_file: Path,
+                                                           config: Config) -> None:
+    write_all(config, GOOD)
+    run(config_file, "refresh")
+    refreshing = sqlite3.connect(config.database, isolation_level=None)
+    try:
+        refreshing.execute("BEGIN IMMEDIATE")  # what a refresh holds while it parses
+        result = run(config_file, "status")
+    finally:
+        refreshing.close()
+    assert result.exit_code == 0, result.output
+    assert f"{len(GOOD)} articles" in result.stdout
 
 
 def test_status_shows_the_first_twenty_of_a_long_list(config_file: Path,
