@@ -63,6 +63,8 @@ from feeder.types import Article, CachedImageInfo, SourceFile, SourceStats
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+#: Sources parsed per commit.
+_PARSE_BATCH = 500
 #: Meta key of what an unfinished refresh left to rebuild.
 _PENDING = "pending_build"
 #: Meta key set while a refresh runs: still set at the start of the next one, if killed.
@@ -320,13 +322,16 @@ class Refresher:
                 changes.removed_pages |= {p for p in removed if self.store.article(p)}
                 self.store.delete_sources(removed)
                 changes.count += len(removed)
-            for file in changed:
+            for done, file in enumerate(changed, 1):
                 if self._abandon.is_set():
                     break  # commit what is parsed; the rest waits for the next refresh
                 # A new source has no stored hash to look up.
                 known_hash = self.store.source_hash(file.path) if file.path in known else None
                 self._update_source(root, file, known_hash, changes, reparse)
                 progress.advance("parse")
+                if done % _PARSE_BATCH == 0:  # a crash or a kill loses one batch at most
+                    self._save_pending(changes)
+                    self.store.commit_so_far()
             self._check_cache(changes)
             for path in scan.misnamed:
                 # Refused once, as any refused file is; a real file may have its escaped name.

@@ -154,6 +154,14 @@ class Store:
         row = self._db.execute("SELECT hash FROM sources WHERE path = ?", (path,)).fetchone()
         return row[0] if row else None
 
+    def commit_so_far(self) -> None:
+        """Inside :meth:`transaction`: commit what it wrote so far, and go on in a new one."""
+        try:
+            self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            raise StoreError(f"state database: {e}") from e
+
     def touch_source(self, file: SourceFile) -> None:
         """Remember new stat figures of a file whose content did not change."""
         self._source_stats = None

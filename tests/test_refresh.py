@@ -723,6 +723,38 @@ async def test_a_cancelled_refresh_ends_with_its_worker_and_keeps_what_it_parsed
     assert (summary.changed, summary.articles) == (4, 6)
 
 
+class Crash(Exception):
+    pass
+
+
+class CrashAfter:
+    """Progress that raises after ``files`` parsed files, as a crash there would stop it."""
+
+    def __init__(self, files: int) -> None:
+        self.files = files
+
+    def start(self, stage: str, total: int) -> None:
+        pass
+
+    def advance(self, stage: str, amount: int = 1) -> None:
+        self.files -= amount
+        if stage == "parse" and self.files == 0:
+            raise Crash
+
+
+async def test_a_crash_while_parsing_loses_one_batch_of_files_at_most(config: Config) -> None:
+    write_source(config, "cls-seed.md", SEED_TEXT)
+    await refresh(config)
+    for i in range(700):
+        write_source(config, f"many/{i:03d}.md", dated(f"Many {i}", 1 + i % 28))
+    with open_refresher(config) as refresher, pytest.raises(Crash):
+        await refresher.refresh(CrashAfter(650))
+    summary = await refresh(config)
+    assert (summary.changed, summary.articles) == (200, 701)  # the first 500 were kept
+    assert len(feed(config, "all", "atom.xml").entries) == 50
+    assert len(list((config.paths.feeds / "articles").iterdir())) == 701
+
+
 async def test_temp_files_of_an_unfinished_refresh_are_removed_by_the_next(config: Config) -> None:
     write_source(config, "cls-seed.md", SEED_TEXT)
     await refresh(config)
