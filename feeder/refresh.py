@@ -528,6 +528,8 @@ class Refresher:
                 page = build_article_page(article, images, slugs, self.config)
                 written += self.output.write(article_page_path(article.id), page)
             progress.advance("write")
+        if everything:
+            written += self._remove_stray_pages()
         if rebuild_index:
             written += self.output.write("index.opml", build_opml(feeds, self.config))
             index = build_index(feeds, counts, self.store.count_articles(), self.config)
@@ -540,6 +542,17 @@ class Refresher:
                 for folder, paths in shown.items():
                     self.store.set_meta(_SHOWN + folder, json.dumps(paths, ensure_ascii=False))
         return written
+
+    def _remove_stray_pages(self) -> int:
+        """Delete the pages of no stored article: a state database rebuilt after their
+        source was deleted knows nothing of them. The number deleted."""
+        wanted = {article_page_path(article_id(path)) for path in self.store.article_paths()}
+        removed = 0
+        for name in self.output.list_folder(ARTICLES_FOLDER):
+            page = f"{ARTICLES_FOLDER}/{name}"
+            if name.endswith(".html") and not name.startswith(".") and page not in wanted:
+                removed += self.output.remove(page)
+        return removed
 
     def _plan_build(self, changes: _Changes, stale: list[FeedInfo], everything: bool) -> None:
         """Record, before the first file is written, what this build is about to rewrite.

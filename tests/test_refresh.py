@@ -510,6 +510,21 @@ async def test_state_database_survives_and_rebuilds(config: Config) -> None:
     assert snapshot(config.paths.feeds) == before
 
 
+async def test_a_rebuilt_state_database_unpublishes_the_page_of_a_deleted_source(
+        config: Config) -> None:
+    write_source(config, "a.md", dated("A1", 1))
+    gone = write_source(config, "b.md", dated("B1", 2))
+    await refresh(config)
+    page = config.paths.feeds / article_page_path(article_id("b.md"))
+    assert page.is_file()
+    shutil.rmtree(config.paths.state)
+    gone.unlink()
+    summary = await refresh(config)
+    assert summary.articles == 1
+    assert not page.exists()
+    assert (config.paths.feeds / article_page_path(article_id("a.md"))).is_file()
+
+
 async def test_changing_base_url_rewrites_links_not_ids(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     write_source(config, "a.md", dated("A1", 1))
