@@ -407,13 +407,14 @@ def parse_date(value: Any, tz: tzinfo) -> datetime | None:
     elif isinstance(value, str):
         text = value.strip()
         try:
-            parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            # RFC 3339 allows a lowercase "t" and "z".
+            parsed = datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
         except ValueError:
             try:
                 parsed = email.utils.parsedate_to_datetime(text)
             except (TypeError, ValueError, OverflowError):
                 return None
-            if parsed.tzinfo is None:  # RFC 5322's "-0000": UTC, origin unknown
+            if parsed.tzinfo is None and text.endswith("-0000"):  # UTC, origin unknown
                 parsed = parsed.replace(tzinfo=UTC)
     else:
         return None
