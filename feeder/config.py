@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
+import yarl
 
 from feeder.exceptions import ConfigError
 
@@ -202,7 +203,9 @@ def config_from_dict(raw: Any, root: Path) -> Config:
     )
     config = Config(**sections)
     _check(config, root.resolve())
-    return config
+    # Every link is built on it: as a URI, since RSS forbids raw non-ASCII URLs.
+    site = dataclasses.replace(config.site, base_url=str(yarl.URL(config.site.base_url)))
+    return dataclasses.replace(config, site=site)
 
 
 def _build_section(name: str, cls: type, raw: dict[str, Any], root: Path) -> Any:

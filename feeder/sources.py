@@ -23,6 +23,7 @@ from typing import Any
 
 import nh3
 import yaml
+import yarl
 from frontmatter.default_handlers import YAMLHandler
 from markdown_it import MarkdownIt
 from markdown_it.common.html_blocks import block_names
@@ -299,7 +300,7 @@ class SourceParser:
         if not categories:
             categories = (self._default_category,)
         tags = _names(meta.get("tags"), "tag", warnings)
-        link = next((_url(meta[k]) for k in _LINK_KEYS if _url(meta.get(k))), None)
+        link = _link(meta, warnings)
         headimg = _url(meta.get("headimg"))
         thumbnail = _url(meta.get("thumbnail"))
         if PurePosixPath(path).suffix.lower() in HTML_SUFFIXES:
@@ -472,6 +473,25 @@ def _text(value: Any) -> str | None:
 def _url(value: Any) -> str | None:
     url = absolute_url(strip_xml_forbidden(value).strip()) if isinstance(value, str) else ""
     return url if url.startswith(("http://", "https://")) else None
+
+
+def _link(meta: dict[Any, Any], warnings: list[str]) -> str | None:
+    """The item's own link: the first of ``link``, ``url``, ``permalink`` that is an
+    absolute http(s) URL, as a URI (RSS forbids raw non-ASCII URLs): its host in IDNA,
+    other characters percent-encoded. None (the item links to its page) if none is."""
+    for key in _LINK_KEYS:
+        value = meta.get(key)
+        if value is None or value == "":
+            continue
+        url = _url(value)
+        if url is not None:
+            try:
+                return str(yarl.URL(url))
+            except ValueError:
+                pass
+        warnings.append(f"{key}: {reprlib.repr(value)} is not an absolute http(s) URL: "
+                        "the item links to its page")
+    return None
 
 
 def _title_from_path(path: str) -> str:

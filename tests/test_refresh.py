@@ -538,6 +538,26 @@ async def test_changing_base_url_rewrites_links_not_ids(tmp_path: Path) -> None:
     assert entries[0].link.startswith("https://moved.example/feeds/articles/")
 
 
+async def test_links_are_ascii_uris_whatever_the_base_url_and_sources_say(
+        tmp_path: Path) -> None:
+    config = make_config(tmp_path, site={"base_url": "http://例子.测试/新闻/"})
+    write_source(config, "a.md", dated("A1", 1, "金融"))
+    write_source(config, "b.md", dated("B1", 2, link="https://www.cls.cn/详情 1"))
+    await refresh(config)
+    base = "http://xn--fsqu00a.xn--0zwm56d/%E6%96%B0%E9%97%BB"
+    rss = (config.paths.feeds / "all" / "rss.xml").read_text(encoding="utf-8")
+    links = [e.text for e in ElementTree.fromstring(rss).iter("link")]
+    assert links[0] == f"{base}/"
+    assert links[1] == "https://www.cls.cn/%E8%AF%A6%E6%83%85%201"
+    assert links[2].startswith(f"{base}/feeds/articles/")
+    self_link = ElementTree.fromstring(rss).find("channel/{http://www.w3.org/2005/Atom}link")
+    assert self_link is not None
+    assert self_link.get("href") == f"{base}/feeds/all/rss.xml"
+    atom = feed(config, "categories/金融", "atom.xml")
+    assert atom.feed.links[0].href.isascii()
+    assert all(link.href.isascii() for e in atom.entries for link in e.links)
+
+
 async def test_feeds_items_limit_applies(tmp_path: Path) -> None:
     config = make_config(tmp_path, feeds={"items": 2})
     for day in range(1, 6):

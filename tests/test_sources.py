@@ -374,7 +374,26 @@ def test_link_keys(parser: SourceParser, key: str) -> None:
 
 
 def test_no_link_is_none(parser: SourceParser) -> None:
-    assert parse(parser, front("title: t\nlink: not a url")).link is None
+    assert parse(parser, front("title: t")).link is None
+
+
+@pytest.mark.parametrize("value", ["not a url", "/detail/979489", "javascript:alert(1)",
+                                   "[https://a.example/1, https://a.example/2]",
+                                   "https://a.example:99999/"])
+def test_a_link_that_is_no_absolute_url_is_dropped_with_a_warning(
+        parser: SourceParser, value: str) -> None:
+    article = parse(parser, front(f"title: t\nlink: {value}\nurl: https://www.cls.cn/d/1"))
+    assert article.link == "https://www.cls.cn/d/1"
+    [warning] = article.warnings
+    assert warning.startswith("link: ")
+    assert "is not an absolute http(s) URL" in warning
+
+
+def test_a_link_is_made_a_valid_uri(parser: SourceParser) -> None:
+    article = parse(parser, front("title: t\nlink: https://例子.测试/路径 a?q=中&r=%E4%B8%AD"))
+    assert article.link == (
+        "https://xn--fsqu00a.xn--0zwm56d/%E8%B7%AF%E5%BE%84%20a?q=%E4%B8%AD&r=%E4%B8%AD"
+    )
 
 
 def test_xml_forbidden_characters_are_removed(parser: SourceParser) -> None:
