@@ -447,12 +447,14 @@ def _names(value: Any, what: str, warnings: list[str]) -> tuple[str, ...]:
             break
         if isinstance(item, list):  # Hexo: [[parent, child]] is a hierarchy
             stack.append(iter(item))
-        elif isinstance(item, dict):
-            for k, v in list(item.items())[:MAX_NAMES]:
-                name = _text(f"{_text(k) or ''}: {_text(v) or ''}".rstrip(": ")) or ""
-                warnings.append(f"{what} {reprlib.repr(item)} is a mapping: read as {name!r}")
-                if name:
-                    names.append(name)
+        elif isinstance(item, dict):  # `- 科创板: 新股`; each of its entries is read as one
+            stack.append(iter(item.items()))
+        elif isinstance(item, tuple):  # an entry of a mapping (YAML makes no tuples)
+            key, val = item
+            name = _text(f"{_text(key) or ''}: {_text(val) or ''}".rstrip(": ")) or ""
+            warnings.append(f"{what} {reprlib.repr({key: val})} is a mapping: read as {name!r}")
+            if name:
+                names.append(name)
         elif (name := _text(item)) is None:
             warnings.append(f"empty {what} dropped")
         else:

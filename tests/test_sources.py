@@ -275,6 +275,12 @@ def test_yaml_aliases_cannot_make_a_file_expensive(parser: SourceParser) -> None
     article = parse(parser, front("\n".join([*empty, "title: t", "tags: *e4"])))
     assert article.tags == ()
     assert "more than 100 tag entries: the rest dropped" in article.warnings
+    # Entries of mappings count too: 100 lists of the same 100-entry mapping.
+    mapping = "m: &m {" + ", ".join(f"k{i}: v" for i in range(100)) + "}"
+    lists = f"l: &l [{', '.join(['*m'] * 100)}]"
+    article = parse(parser, front("\n".join([mapping, lists, "title: t", "categories: *l"])))
+    assert len(article.categories) == 99
+    assert len(article.warnings) == 100  # 99 mappings read, and the cap
 
 
 def test_categories_as_list(parser: SourceParser) -> None:
