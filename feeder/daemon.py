@@ -47,6 +47,8 @@ _WATCH_DEBOUNCE_MS = 1000
 _WATCH_RECHECK_SECONDS = 2.0
 #: Seconds a shutdown waits for an abandoned refresh to stop.
 _STOP_TIMEOUT = 3.0
+#: Seconds a shutdown gives requests in flight (a slow reader downloading a feed).
+_SHUTDOWN_TIMEOUT = 5.0
 #: Seconds between two tries of a lock another process holds.
 _LOCK_POLL_SECONDS = 0.2
 #: The lock file in paths.state a daemon holds for its whole life (not the refresh lock).
@@ -440,13 +442,15 @@ async def _serve_and_refresh(config: Config) -> None:
 async def _serving(config: Config, daemon: Daemon) -> AsyncIterator[None]:
     """Serve the web app on TCP and the control app on the Unix socket."""
     web_runner = web.AppRunner(make_app(config, daemon.monitor), access_log=None,
-                               logger=ServerLog())
+                               logger=ServerLog(), shutdown_timeout=_SHUTDOWN_TIMEOUT)
     control_runner = web.AppRunner(make_control_app(daemon), access_log=None,
-                                   logger=ServerLog())
-    await web_runner.setup()
-    await control_runner.setup()
+                                   logger=ServerLog(), shutdown_timeout=_SHUTDOWN_TIMEOUT)
     host, port, sock = config.server.host, config.server.port, config.control_socket
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        stack.callback(sock.unlink, missing_ok=True)  # last
+        for runner in (web_runner, control_runner):
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
         try:
             await web.TCPSite(web_runner, host, port).start()
         except OSError as e:
@@ -463,10 +467,6 @@ async def _serving(config: Config, daemon: Daemon) -> AsyncIterator[None]:
         finally:
             os.umask(old_umask)
         yield
-    finally:
-        await control_runner.cleanup()
-        await web_runner.cleanup()
-        config.control_socket.unlink(missing_ok=True)
 
 
 def _os_reason(error: OSError) -> str:
