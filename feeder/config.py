@@ -270,10 +270,14 @@ def _check(config: Config, root: Path) -> None:
     for origin, mirror in config.images.origins.items():
         _check_url(_dotted("images.origins", origin), origin)
         _check_url(_dotted("images.origins", origin), mirror)
+    taken: dict[str, str] = {}  # by casefolded slug: a folder on a file system blind to case
     for name, slug in config.feeds.slugs.items():
         if problem := _slug_problem(slug):
             raise ConfigError(_dotted("feeds.slugs", name), f"{slug!r} is not a safe slug: "
                                                             f"{problem}")
+        if (other := taken.setdefault(slug.casefold(), name)) != name:
+            raise ConfigError(_dotted("feeds.slugs", name),
+                              f"{slug!r} is also the slug of {other!r}: each feed needs its own")
 
 
 def _check_paths(paths: PathsConfig, root: Path) -> None:

@@ -165,6 +165,12 @@ def test_a_slug_may_hold_dots_and_spaces_inside_up_to_100_characters(tmp_path: P
     assert refused(tmp_path, feeds={"slugs": {"c": "x" * 101}}).startswith("feeds.slugs.c: ")
 
 
+def test_two_categories_may_not_be_given_one_slug(tmp_path: Path) -> None:
+    message = refused(tmp_path, feeds={"slugs": {"金融": "finance", "财经": "Finance"}})
+    assert message == ("feeds.slugs.财经: 'Finance' is also the slug of '金融': "
+                       "each feed needs its own")
+
+
 # -- URLs -------------------------------------------------------------------------------
 
 
