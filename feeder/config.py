@@ -14,11 +14,10 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-import yarl
 
 from feeder.exceptions import ConfigError
 
@@ -204,7 +203,10 @@ def config_from_dict(raw: Any, root: Path) -> Config:
     config = Config(**sections)
     _check(config, root.resolve())
     # Every link is built on it: as a URI, since RSS forbids raw non-ASCII URLs.
-    site = dataclasses.replace(config.site, base_url=str(yarl.URL(config.site.base_url)))
+    try:
+        site = dataclasses.replace(config.site, base_url=iri_to_uri(config.site.base_url))
+    except ValueError as e:
+        raise ConfigError("site.base_url", f"{config.site.base_url!r}: {e}") from e
     return dataclasses.replace(config, site=site)
 
 
@@ -296,6 +298,34 @@ def _check_paths(paths: PathsConfig, root: Path) -> None:
         if root.is_relative_to(folder):
             raise ConfigError(f"paths.{key}", f"must not be the config file's folder or "
                                               f"around it ({folder})")
+
+
+#: What :func:`iri_to_uri` leaves as it is besides letters, digits and ``_.-~``: URI
+#: delimiters, and ``%`` (a URL's escapes are kept as they are).
+_URI_SAFE = "!#$%&'()*+,/:;=?@[]"
+
+
+def iri_to_uri(url: str) -> str:
+    """An absolute URL as a URI: a non-ASCII host in IDNA, other characters that a URI
+    may not hold (non-ASCII, spaces) percent-encoded. Nothing else is changed.
+
+    Raises:
+        ValueError: the host is not a valid domain name.
+    """
+    if url.isascii() and url.isprintable() and " " not in url:
+        return url
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if not netloc.isascii():
+        userinfo, at, host_port = netloc.rpartition("@")
+        host, colon, port = host_port.partition(":")  # a non-ASCII host is no IPv6 address
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError as e:
+            raise ValueError(f"{host!r} is not a valid host name") from e
+        netloc = quote(f"{userinfo}{at}", safe=_URI_SAFE) + f"{host}{colon}{port}"
+    rest = urlunsplit(("", "", parts.path, parts.query, parts.fragment))
+    return f"{parts.scheme}://{netloc}{quote(rest, safe=_URI_SAFE)}"
 
 
 def _check_url(key: str, url: str) -> None:

@@ -260,8 +260,12 @@ class Refresher:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
             self.abandon()
-            with contextlib.suppress(Exception):  # RefreshAbandoned, or what it met first
+            try:
                 await work
+            except RefreshAbandoned:
+                pass
+            except Exception:
+                log.exception("the cancelled refresh failed before it stopped")
             raise
 
     def _finish(self, scanned: int, changes: _Changes, fetched: int, failed: int,

@@ -8,6 +8,7 @@ warning on the Article.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import hashlib
 import html
@@ -17,18 +18,18 @@ import re
 import reprlib
 import stat
 import uuid
-from datetime import UTC, date, datetime, time, tzinfo
+from datetime import UTC, date, datetime, time, timedelta, timezone, tzinfo
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import nh3
 import yaml
-import yarl
 from frontmatter.default_handlers import YAMLHandler
 from markdown_it import MarkdownIt
 from markdown_it.common.html_blocks import block_names
 
-from feeder.config import Config
+from feeder.config import Config, iri_to_uri
 from feeder.exceptions import FeederError, SourceError
 from feeder.images import ImageCollector, absolute_url, allowed_urls, show_lazy_images
 from feeder.types import Article, SourceStats
@@ -61,6 +62,9 @@ _SUMMARY_WINDOW = 4 * SUMMARY_CHARS
 #: Text this far before a window's cut is whole: a reference the cut splits (in nh3's
 #: output, ``&nbsp;`` at most) reads as raw characters.
 _CUT_MARGIN = 64
+#: The end of an RFC 822 date whose zone is an offset with a colon, or that has no zone.
+_COLON_OFFSET = re.compile(r"\s([+-])(\d\d):(\d\d)$")
+_ENDS_WITH_TIME = re.compile(r"\s\d\d?:\d\d(?::\d\d)?$")
 #: A line opening a CommonMark HTML block that runs to the next blank line (type 6).
 _HTML_BLOCK_START = re.compile(rf"</?(?:{'|'.join(block_names)})(?:[ \t>]|/>|$)", re.IGNORECASE)
 
@@ -415,8 +419,8 @@ def parse_date(value: Any, tz: tzinfo) -> datetime | None:
                 parsed = email.utils.parsedate_to_datetime(text)
             except (TypeError, ValueError, OverflowError):
                 return None
-            if parsed.tzinfo is None and text.endswith("-0000"):  # UTC, origin unknown
-                parsed = parsed.replace(tzinfo=UTC)
+            if parsed.tzinfo is None:  # a zone the email module did not take, or none
+                parsed = parsed.replace(tzinfo=_rfc822_zone(text, tz))
     else:
         return None
     if parsed.tzinfo is None:
@@ -425,6 +429,17 @@ def parse_date(value: Any, tz: tzinfo) -> datetime | None:
         return parsed.astimezone(UTC)
     except OverflowError:  # 0001-01-01 in a time zone east of UTC
         return None
+
+
+def _rfc822_zone(text: str, tz: tzinfo) -> tzinfo:
+    """The zone of an RFC 822 date the email module left naive: an offset written
+    ``+08:00``; ``tz`` if there is none (the date ends with its time); else UTC, as
+    RFC 5322 reads ``-0000`` and zone names it does not know."""
+    if offset := _COLON_OFFSET.search(text):
+        sign, hours, minutes = offset.groups()
+        delta = timedelta(hours=int(hours), minutes=int(minutes))
+        return timezone(-delta if sign == "-" else delta)
+    return tz if _ENDS_WITH_TIME.search(text) else UTC
 
 
 def _names(value: Any, what: str, warnings: list[str]) -> tuple[str, ...]:
@@ -479,18 +494,19 @@ def _url(value: Any) -> str | None:
 
 def _link(meta: dict[Any, Any], warnings: list[str]) -> str | None:
     """The item's own link: the first of ``link``, ``url``, ``permalink`` that is an
-    absolute http(s) URL, as a URI (RSS forbids raw non-ASCII URLs): its host in IDNA,
-    other characters percent-encoded. None (the item links to its page) if none is."""
+    absolute http(s) URL, as a URI (RSS forbids raw non-ASCII URLs). None (the item
+    links to its page) if none is; a value that is not a URL or a path is warned of."""
     for key in _LINK_KEYS:
         value = meta.get(key)
         if value is None or value == "":
             continue
         url = _url(value)
         if url is not None:
-            try:
-                return str(yarl.URL(url))
-            except ValueError:
-                pass
+            with contextlib.suppress(ValueError):  # a port out of range, a bad host name
+                if urlsplit(url).port != 0:
+                    return iri_to_uri(url)
+        elif isinstance(value, str) and value.startswith("/"):
+            continue  # a site path, as Hexo's permalink: no site to resolve it against
         warnings.append(f"{key}: {reprlib.repr(value)} is not an absolute http(s) URL: "
                         "the item links to its page")
     return None

@@ -195,6 +195,14 @@ def test_origins_must_be_absolute_http_urls(tmp_path: Path, url: str) -> None:
     assert as_mirror.startswith(f"images.origins.https://img.cls.cn: {url!r} is not an absolute")
 
 
+def test_a_non_ascii_base_url_is_made_a_uri(tmp_path: Path) -> None:
+    good = make_config(tmp_path, site={"base_url": "https://例子.测试/新闻/"})
+    assert good.site.base_url == "https://xn--fsqu00a.xn--0zwm56d/%E6%96%B0%E9%97%BB"
+    message = refused(tmp_path, site={"base_url": "https://例子..测试/"})
+    assert message.startswith(
+        "site.base_url: 'https://例子..测试': '例子..测试' is not a valid host name")
+
+
 def test_an_ipv6_url_needs_its_closing_bracket(tmp_path: Path) -> None:
     good = make_config(tmp_path, site={"base_url": "https://[::1]:8443/feeder/"})
     assert good.site.base_url == "https://[::1]:8443/feeder"

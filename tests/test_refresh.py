@@ -718,11 +718,12 @@ class AbandonAfter:
 
 class HoldAfterFirstFile:
     """Progress that holds the worker thread after its first parsed file, as a slow file
-    (a big one, a hung network share) would."""
+    (a big one, a hung network share) would; then raises ``error``, if given."""
 
-    def __init__(self) -> None:
+    def __init__(self, error: Exception | None = None) -> None:
         self.held, self.release = threading.Event(), threading.Event()
         self.parsed = 0
+        self.error = error
 
     def start(self, stage: str, total: int) -> None:
         pass
@@ -733,6 +734,8 @@ class HoldAfterFirstFile:
             if self.parsed == 1:
                 self.held.set()
                 self.release.wait(10)
+                if self.error is not None:
+                    raise self.error
 
 
 async def test_a_cancelled_refresh_ends_with_its_worker_and_keeps_what_it_parsed(
@@ -788,6 +791,23 @@ async def test_a_crash_while_parsing_loses_one_batch_of_files_at_most(config: Co
     assert (summary.changed, summary.articles) == (200, 701)  # the first 500 were kept
     assert len(feed(config, "all", "atom.xml").entries) == 50
     assert len(list((config.paths.feeds / "articles").iterdir())) == 701
+
+
+async def test_an_error_of_a_cancelled_refresh_is_logged(
+        config: Config, caplog: pytest.LogCaptureFixture) -> None:
+    write_source(config, "a.md", dated("A1", 1))
+    progress = HoldAfterFirstFile(OSError(28, "No space left on device"))
+    with open_refresher(config) as refresher:
+        running = asyncio.create_task(refresher.refresh(progress))
+        await asyncio.to_thread(progress.held.wait, 10)
+        running.cancel()
+        progress.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert record.getMessage() == "the cancelled refresh failed before it stopped"
+    assert record.exc_info is not None
+    assert "No space left on device" in str(record.exc_info[1])
 
 
 async def test_temp_files_of_an_unfinished_refresh_are_removed_by_the_next(config: Config) -> None:

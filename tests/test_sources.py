@@ -150,6 +150,12 @@ def test_trailing_whitespace(parser: SourceParser) -> None:
         pytest.param("date: 2022-03-30t03:17:49z", SEED_DATE, id="iso-lowercase-t-z"),
         pytest.param("date: Wed, 30 Mar 2022 11:17:49", SEED_DATE,
                      id="rfc822-no-zone-is-shanghai"),
+        pytest.param("date: Wed, 30 Mar 2022 11:17:49 +08:00", SEED_DATE,
+                     id="rfc822-offset-with-colon"),
+        pytest.param("date: Wed, 30 Mar 2022 03:17:49 +00:00", SEED_DATE,
+                     id="rfc822-utc-with-colon"),
+        pytest.param("date: Wed, 30 Mar 2022 03:17:49 -0000 (UTC)", SEED_DATE,
+                     id="rfc822-minus-zero-with-comment"),
         pytest.param("date: '2022-03-30T11:17:49'", SEED_DATE, id="iso-no-offset-is-shanghai"),
         pytest.param("date: 2022-03-30 11:17:49", SEED_DATE, id="hexo-unquoted-yaml-datetime"),
         pytest.param("date: '2022-03-30 11:17:49'", SEED_DATE, id="hexo-quoted"),
@@ -383,7 +389,7 @@ def test_no_link_is_none(parser: SourceParser) -> None:
     assert parse(parser, front("title: t")).link is None
 
 
-@pytest.mark.parametrize("value", ["not a url", "/detail/979489", "javascript:alert(1)",
+@pytest.mark.parametrize("value", ["not a url", "detail/979489", "javascript:alert(1)",
                                    "[https://a.example/1, https://a.example/2]",
                                    "https://a.example:99999/"])
 def test_a_link_that_is_no_absolute_url_is_dropped_with_a_warning(
@@ -393,6 +399,19 @@ def test_a_link_that_is_no_absolute_url_is_dropped_with_a_warning(
     [warning] = article.warnings
     assert warning.startswith("link: ")
     assert "is not an absolute http(s) URL" in warning
+
+
+@pytest.mark.parametrize("link", [
+    "https://app.example.com/#/search?q=R%26D&page=2", "https://b.example/?to=https%3A%2F%2Fc",
+    "https://B.example:443/./x/../y?", "https://[::1]:8443/a+b%2Fc",
+])
+def test_a_valid_link_is_kept_as_it_is(parser: SourceParser, link: str) -> None:
+    assert parse(parser, front(f"title: t\nlink: '{link}'")).link == link
+
+
+def test_a_site_path_as_permalink_is_no_link_and_no_warning(parser: SourceParser) -> None:
+    article = parse(parser, front("title: t\npermalink: /2020/01/post/"))
+    assert (article.link, article.warnings) == (None, ())
 
 
 def test_a_link_is_made_a_valid_uri(parser: SourceParser) -> None:
