@@ -217,6 +217,14 @@ def _free_port() -> int:
         return port
 
 
+def _error_line(result: CliResult) -> str:
+    """The one line a command that failed cleanly ends on: exit 1, no traceback."""
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr
+    line: str = result.stderr.splitlines()[-1]
+    return line
+
+
 def _spawn_daemon(config_file: Path, log_file: Path) -> subprocess.Popen[bytes]:
     with open(log_file, "ab") as log:
         return subprocess.Popen(
@@ -777,11 +785,9 @@ async def test_run_names_a_port_in_use(tmp_path: Path):
         port = taken.getsockname()[1]
         config_file = write_config_file(tmp_path, server={"host": "127.0.0.1", "port": port})
         result = await run_cli(config_file, "run")
-    assert result.returncode == 1, result
-    assert result.stderr.splitlines()[-1] == (
+    assert _error_line(result) == (
         f"Error: cannot listen on 127.0.0.1:{port} (server.host/server.port): "
         "address already in use")
-    assert "Traceback" not in result.stderr
     assert not (tmp_path / "state" / "control.sock").exists()
 
 
@@ -790,10 +796,8 @@ async def test_run_names_a_host_that_does_not_resolve(tmp_path: Path):
     config_file = write_config_file(tmp_path, server={"host": "no-such-host.invalid",
                                                       "port": port})
     result = await run_cli(config_file, "run")
-    assert result.returncode == 1, result
-    assert result.stderr.splitlines()[-1].startswith(
+    assert _error_line(result).startswith(
         f"Error: cannot listen on no-such-host.invalid:{port} (server.host): "), result
-    assert "Traceback" not in result.stderr
 
 
 async def test_run_names_a_control_socket_path_too_long(tmp_path: Path):
@@ -801,21 +805,17 @@ async def test_run_names_a_control_socket_path_too_long(tmp_path: Path):
     config_file = write_config_file(tmp_path, paths={"state": state.name},
                                     server={"port": _free_port()})
     result = await run_cli(config_file, "run")
-    assert result.returncode == 1, result
-    assert result.stderr.splitlines()[-1] == (
+    assert _error_line(result) == (
         f"Error: cannot make the control socket {state / 'control.sock'} (paths.state): "
         "AF_UNIX path too long")
-    assert "Traceback" not in result.stderr
 
 
 async def test_run_names_a_state_folder_that_is_a_file(tmp_path: Path):
     (tmp_path / "state").write_text("not a folder\n")
     config_file = write_config_file(tmp_path, server={"port": _free_port()})
     result = await run_cli(config_file, "run")
-    assert result.returncode == 1, result
-    assert result.stderr.splitlines()[-1] == (
+    assert _error_line(result) == (
         f"Error: {tmp_path / 'state'}: Not a directory (paths.state)")
-    assert "Traceback" not in result.stderr
 
 
 async def test_refresh_by_the_daemon_names_a_feeds_folder_that_is_a_file(

@@ -272,6 +272,12 @@ def _cached(config: Config) -> list[Path]:
     return [p for p in _listing(config.paths.cache) if not p.name.startswith(".")]
 
 
+def _cached_file(config: Config, name: str) -> Path:
+    """The cache file of the image the test server serves as ``name`` (its bytes end so)."""
+    [found] = [p for p in _cached(config) if p.read_bytes().endswith(name.encode())]
+    return found
+
+
 @pytest.mark.slow
 async def test_refresh_killed_mid_download_leaves_no_partial_image(tmp_path, server):
     # Past the size held in memory, so that the download is streamed to a .part file.
@@ -354,7 +360,7 @@ async def test_a_cached_image_deleted_by_hand_is_fetched_again(tmp_path, server)
     config = load(write_config(tmp_path, server.url))
     seed(config)
     await refresh(config)
-    [gone] = [p for p in config.paths.cache.iterdir() if p.read_bytes().endswith(b"c8Agbj08W6.png")]
+    gone = _cached_file(config, "c8Agbj08W6.png")
     gone.unlink()
     summary = await refresh(config)
     assert (summary.images_fetched, summary.images_pending) == (1, 0)
@@ -398,7 +404,7 @@ async def test_a_cached_image_deleted_during_a_refresh_is_noticed_by_the_next(tm
     seed(config)
     await refresh(config)
     await refresh(config)
-    [victim] = [p for p in _cached(config) if p.read_bytes().endswith(b"c8Agbj08W6.png")]
+    victim = _cached_file(config, "c8Agbj08W6.png")
     with open_refresher(config) as refresher:
         await refresher.refresh(DeleteWhenWriting(victim))
     summary = await refresh(config)
