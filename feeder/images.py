@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
+from html import unescape
 from pathlib import Path
 from typing import Final
 from urllib.parse import SplitResult, urljoin, urlsplit
@@ -147,20 +148,28 @@ def show_lazy_images(html: str) -> str:
     """Give an ``<img>`` that only lazy-loads (``data-src``, no ``src``) its ``src``.
 
     Feed readers and the article pages run no script: such an image would never show.
+    ``html`` is nh3's output, where every attribute is written ``name="value"``: the
+    tags are edited as text. Serializing a parse again would percent-encode the other
+    URLs (libxml2 does), and the cache's rewriting would no longer find them.
     """
     if not any(attribute in html for attribute in LAZY_ATTRIBUTES):
         return html
-    root = _parse_fragment(html)
-    if root is None:
-        return html
-    changed = False
-    for element in root.iter("img"):
-        lazy = next(filter(None, map(element.get, LAZY_ATTRIBUTES)), "")
-        url = absolute_url(lazy.strip())
-        if _is_absolute_http(url) and not element.get("src"):  # never javascript: or data:
-            element.set("src", url)
-            changed = True
-    return _fragment_html(root, html) if changed else html
+    return _IMG_TAG.sub(_with_lazy_src, html)
+
+
+#: An ``<img>`` start tag as nh3 writes it, and one of its attributes.
+_IMG_TAG = re.compile(r'<img((?:\s+[^\s"=>]+="[^"]*")*)\s*>')
+_ATTRIBUTE = re.compile(r'([^\s"=>]+)="([^"]*)"')
+
+
+def _with_lazy_src(tag: re.Match[str]) -> str:
+    attributes = dict(_ATTRIBUTE.findall(tag[1]))
+    lazy = next(filter(None, map(attributes.get, LAZY_ATTRIBUTES)), "")
+    url = absolute_url(unescape(lazy).strip())
+    if attributes.get("src") or not _is_absolute_http(url):  # never javascript: or data:
+        return tag[0]
+    attributes["src"] = url.replace("&", "&amp;").replace('"', "&quot;")
+    return "<img" + "".join(f' {name}="{value}"' for name, value in attributes.items()) + ">"
 
 
 def _joined(candidates: list[tuple[str, str]]) -> str:

@@ -370,7 +370,7 @@ class SourceParser:
 
 #: Bump when the same file and settings give another article (rendering, sanitizing):
 #: the next refresh parses every source again.
-PARSER_VERSION = 3
+PARSER_VERSION = 4
 
 
 def markdown_renderer() -> MarkdownIt:

@@ -106,14 +106,19 @@ async def test_an_article_with_a_thousand_images_points_at_each_cached_one(tmp_p
 
 
 async def test_a_lazy_image_shows_from_the_cache_in_readers(tmp_path, server):
+    server.route("/images/中文 图.png", image(PNG + b"cn"))
     config = load(write_config(tmp_path, server.url))
     seed(config, "lazy.md", "---\ntitle: Lazy\ncategories: [A]\n---\n<p>Text.</p>\n"
-         '<p><img data-src="https://img.cls.cn/images/20220330/8ZNa70Fbl8.png"></p>\n')
+         '<p><img data-src="https://img.cls.cn/images/20220330/8ZNa70Fbl8.png"></p>\n'
+         '<p><img src=" https://img.cls.cn/images/中文 图.png "></p>\n')
     summary = await refresh(config)
-    assert summary.images_fetched == 1
-    [name] = [p.name for p in config.paths.cache.iterdir()]
+    assert summary.images_fetched == 2
+    names = [p.name for p in config.paths.cache.iterdir()]
+    page = next((config.paths.feeds / "articles").iterdir()).read_text(encoding="utf-8")
     content = parse(config, "all/rss.xml").entries[0].content[0].value
-    assert f'src="{BASE}/images/{name}"' in content
+    for html in (page, content):  # the other image too: the lazy one's fix kept its URL
+        assert "img.cls.cn" not in html
+        assert all(f'src="{BASE}/images/{name}"' in html for name in names)
 
 
 async def test_enclosure_has_the_cached_file_size_and_type(tmp_path, server):

@@ -784,6 +784,8 @@ IMAGE_FRAGMENTS = [
     '<img data-original="https://img.cls.cn/a.png">', "<img src=\"javascript:alert(1)\">",
     '<a href="https://img.cls.cn/link.png">a link is not an image</a>',
     '<img src="//img.cls.cn/pr.png">', '<img srcset="//img.cls.cn/p1.png 1x, /p2.png 2x">',
+    '<img src="https://img.cls.cn/中文 图.png">', '<img src=" https://img.cls.cn/pad.png ">',
+    '<img alt="a>b" data-src="https://img.cls.cn/l&amp;z.png" src="">',
 ]
 
 
