@@ -65,6 +65,8 @@ _CUT_MARGIN = 64
 #: The end of an RFC 822 date whose zone is an offset with a colon, or that has no zone.
 _COLON_OFFSET = re.compile(r"\s([+-])(\d\d):(\d\d)$")
 _ENDS_WITH_TIME = re.compile(r"\s\d\d?:\d\d(?::\d\d)?$")
+#: Blank lines opening a body.
+_LEADING_BLANK_LINES = re.compile(r"\A(?:[ \t]*\n)+")
 #: A line opening a CommonMark HTML block that runs to the next blank line (type 6).
 _HTML_BLOCK_START = re.compile(rf"</?(?:{'|'.join(block_names)})(?:[ \t>]|/>|$)", re.IGNORECASE)
 
@@ -290,7 +292,8 @@ class SourceParser:
             meta = {}
         if not isinstance(meta, dict):
             raise SourceError(path, f"front matter is a {type(meta).__name__}, not a mapping", 2)
-        return self._article(path, meta, body.strip(), mtime)
+        # Blank lines go, but not the first line's indent: in Markdown it makes code.
+        return self._article(path, meta, _LEADING_BLANK_LINES.sub("", body).rstrip(), mtime)
 
     def _article(self, path: str, meta: dict[Any, Any], body: str, mtime: datetime) -> Article:
         warnings: list[str] = []

@@ -354,6 +354,11 @@ def test_markdown_body_is_rendered(parser: SourceParser) -> None:
     assert "#" not in article.content
 
 
+def test_markdown_body_may_open_with_code(parser: SourceParser) -> None:
+    article = parse(parser, front("title: t", "\n    first line code\n    <b>x</b>\n\ntext"))
+    assert article.content.startswith("<pre><code>first line code\n&lt;b&gt;x&lt;/b&gt;")
+
+
 def test_markdown_tables_and_strikethrough_render_as_hexo_shows_them(
         parser: SourceParser) -> None:
     body = "| 指数 | 涨跌 |\n|---|---:|\n| 沪指 | ~~-0.5%~~ +1.2% |\n"
