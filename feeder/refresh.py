@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -81,6 +81,8 @@ _SHOWN = "shown:"
 _SLUGS = "slugs"
 #: The content hash stored for a file refused for its name (it is never read).
 _MISNAMED_HASH = f"error:{MISNAMED}"
+#: The mtime stored for a file that could not be read: no scan matches it.
+_UNREAD = -1
 #: Files at the top of ``feeds/`` that list every feed.
 _INDEX_FILES = ("index.opml", "index.html")
 
@@ -371,8 +373,12 @@ class Refresher:
             data = read_source(root / file.path, self.config.sources.max_bytes, file.path)
         except SourceError as e:
             data, error = b"", _reason(e)
-            self._note_refused(e, changes)
-        digest = content_hash(data) if error is None else f"error:{file.size}:{file.mtime_ns}"
+            # Stored as never read, so the next scan tries again: a permission put
+            # right leaves the mtime as it was.
+            file = replace(file, mtime_ns=_UNREAD)
+            if known_hash != f"error:{error}":  # told once, not every refresh
+                self._note_refused(e, changes)
+        digest = content_hash(data) if error is None else f"error:{error}"
         if known_hash == digest and not reparse:
             self.store.touch_source(file)
             return

@@ -20,7 +20,7 @@ import stat
 import uuid
 from datetime import UTC, date, datetime, time, timedelta, timezone, tzinfo
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import nh3
@@ -109,17 +109,27 @@ def scan_sources(root: Path, misnamed: list[str] | None = None) -> SourceStats:
                     st = entry.stat()
                 except FileNotFoundError:  # deleted between listing and stat, or a dangling link
                     continue
-                if not stat.S_ISREG(st.st_mode):
-                    continue
+                except OSError:  # a symlink loop, a folder not ours to search: reading says why
+                    st = None
+                else:
+                    if not stat.S_ISREG(st.st_mode):
+                        continue
                 path = prefix + name
                 if not path.isascii() and not _is_utf8(path):
                     if misnamed is not None:
                         misnamed.append(printable_path(path))
                     continue
+                if st is None:
+                    found[path] = UNKNOWN_STAT
+                    continue
                 # SQLite integers are 64-bit; `touch -d 2300-01-01` goes past them.
                 mtime = st.st_mtime_ns
                 found[path] = (st.st_size, mtime if mtime < _MAX_INT64 else _MAX_INT64)
     return found
+
+
+#: The stats of a file the scan could not stat: it is read, and refused with the reason.
+UNKNOWN_STAT: Final = (0, 0)
 
 
 def is_source_name(name: str) -> bool:

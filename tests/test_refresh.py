@@ -498,6 +498,38 @@ async def test_unreadable_changed_file_is_refused_not_fatal(config: Config) -> N
         source.chmod(0o644)
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+async def test_a_file_unreadable_for_a_while_is_read_once_it_can_be(config: Config) -> None:
+    source = write_source(config, "a.md", dated("A", 1))
+    source.chmod(0)
+    try:
+        assert (await refresh(config)).failed == 1
+    finally:
+        source.chmod(0o644)  # its mtime stays as it was
+    summary = await refresh(config)
+    assert (summary.changed, summary.failed) == (1, 0)
+    assert titles(config, "all") == ["A"]
+
+
+async def test_a_symlink_loop_is_refused_alone(config: Config,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    write_source(config, "a.md", dated("A", 1))
+    (config.paths.sources / "loop1.md").symlink_to("loop2.md")
+    (config.paths.sources / "loop2.md").symlink_to("loop1.md")
+    summary = await refresh(config)
+    assert (summary.scanned, summary.failed) == (3, 2)
+    assert titles(config, "all") == ["A"]
+    assert "loop1.md: cannot read: Too many levels of symbolic links" in caplog.text
+    caplog.clear()
+    summary = await refresh(config)  # told once
+    assert (summary.changed, summary.failed, caplog.text) == (0, 2, "")
+    (config.paths.sources / "loop2.md").unlink()
+    write_source(config, "loop2.md", dated("Fixed", 2))
+    assert titles(config, "all") == ["A"]
+    await refresh(config)
+    assert titles(config, "all") == ["Fixed", "Fixed", "A"]
+
+
 async def test_state_database_survives_and_rebuilds(config: Config) -> None:
     write_source(config, "a.md", dated("A1", 1))
     await refresh(config)
