@@ -53,8 +53,10 @@ _MAX_INT64 = 2**63 - 1
 #: Categories (or tags) read from one file at most.
 MAX_NAMES = 100
 _END = object()
-#: Dates before this year are read as no date: feeds cannot carry them.
+#: Dates before this year, or after the max one, are read as no date: feeds cannot
+#: carry them (and 9999-12-31 in UTC is year 10000 east of it).
 MIN_YEAR = 1900
+MAX_YEAR = 9998
 #: Characters of body text kept as an item's summary.
 SUMMARY_CHARS = 280
 #: Characters of HTML a summary is first looked for in; four times more until it holds enough.
@@ -377,6 +379,9 @@ class SourceParser:
             warnings.append(f"{key}: cannot read {shown} as a date")
         elif parsed.year < MIN_YEAR:  # RSS dates (RFC 822) have years of 4 digits
             warnings.append(f"{key}: {shown} is before {MIN_YEAR}")
+            return None
+        elif parsed.year > MAX_YEAR:
+            warnings.append(f"{key}: {shown} is after {MAX_YEAR}")
             return None
         return parsed
 

@@ -225,6 +225,7 @@ def test_unreadable_date_is_a_warning(parser: SourceParser) -> None:
     ("date: 0001-01-01 00:00:00", "date: cannot read '0001-01-01T00:00:00' as a date"),
     ("date: 0001-01-01T00:00:00Z", "date: '0001-01-01T00:00:00+00:00' is before 1900"),
     ("date: 1899-12-31", "date: '1899-12-31' is before 1900"),
+    ("date: 9999-12-31T23:00:00Z", "date: '9999-12-31T23:00:00+00:00' is after 9998"),
     ("date: Wed, 30 Mar 99999999999999999999 03:17:49 GMT",
      "date: cannot read 'Wed, 30 Mar ... 03:17:49 GMT' as a date"),
 ])
