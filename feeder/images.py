@@ -714,7 +714,8 @@ async def _attempt(
     Every failure is raised as an :class:`ImageError`.
     """
     try:
-        return await _download(session, url, target, config, cache_dir)
+        async with asyncio.timeout(config.timeout):  # aiohttp's is per request: per hop
+            return await _download(session, url, target, config, cache_dir)
     except ImageError:
         raise
     except TimeoutError as e:  # aiohttp's timeouts are TimeoutErrors too

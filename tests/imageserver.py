@@ -81,10 +81,11 @@ def status(
     return handler
 
 
-def redirect(location: str, code: int = 302) -> Handler:
-    """Redirect to ``location`` (relative or absolute), as given."""
+def redirect(location: str, code: int = 302, *, delay: float = 0) -> Handler:
+    """Redirect to ``location`` (relative or absolute), as given, after ``delay`` seconds."""
 
     async def handler(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(delay)
         return web.Response(status=code, headers={"Location": location})
 
     return handler

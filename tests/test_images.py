@@ -329,6 +329,16 @@ async def test_redirect_loop_fails_after_three_hops(server, cache):
     assert server.requests["/images/loop.png"] == 4  # the request and three hops
 
 
+async def test_the_timeout_holds_for_all_redirects_together(server, cache):
+    for n in range(3):  # each hop well within the timeout, all of them not
+        server.route(f"/images/{n}.png", redirect(f"/images/{n + 1}.png", delay=0.3))
+    server.route("/images/3.png", image(PNG, delay=0.3))
+    config = config_for(server, timeout=1.0, attempts=1)
+    result = await fetch_one(f"{ORIGIN}/images/0.png", config, cache)
+    assert result == FailedImage(f"{ORIGIN}/images/0.png", "timed out", False, None)
+    assert files(cache) == []
+
+
 async def test_three_redirects_are_followed(server, cache):
     for n in range(3):
         server.route(f"/images/{n}.png", redirect(f"/images/{n + 1}.png"))
