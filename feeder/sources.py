@@ -247,6 +247,9 @@ class SourceParser:
             # img.cls.cn refuses hotlinks with a Referer; images not cached yet still load.
             set_tag_attribute_values={"img": {"referrerpolicy": "no-referrer"}},
             attribute_filter=self._images,
+            # Dropped with their content: a whole page's <title> is not its body, and
+            # nh3 reads what <noscript> holds as text, markup and all.
+            clean_content_tags={"script", "style", "title", "noscript"},
         )
         self._text_only = nh3.Cleaner(tags=set(), clean_content_tags={"script", "style"})
 

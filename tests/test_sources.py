@@ -355,6 +355,15 @@ def test_markdown_body_is_rendered(parser: SourceParser) -> None:
     assert "#" not in article.content
 
 
+def test_a_whole_html_page_gives_its_body_only(parser: SourceParser) -> None:
+    page = ("<!DOCTYPE html><html><head><title>Head title</title><style>p {}</style></head>"
+            '<body><p>Text.</p><noscript><img src="https://img.cls.cn/n.png"></noscript>'
+            "</body></html>")
+    article = parse(parser, front("title: t", page), "page.html")
+    assert article.content == "<p>Text.</p>"
+    assert (article.summary, article.images) == ("Text.", ())
+
+
 def test_markdown_body_may_open_with_code(parser: SourceParser) -> None:
     article = parse(parser, front("title: t", "\n    first line code\n    <b>x</b>\n\ntext"))
     assert article.content.startswith("<pre><code>first line code\n&lt;b&gt;x&lt;/b&gt;")
