@@ -74,8 +74,6 @@ _SRCSET_SPACE: Final = " \t\n\r\f"
 _PLAIN_HTTP_URL: Final = re.compile(
     r"https?://([a-z0-9._~-]+)(?::[0-9]*)?(?:[/?#]|\Z)", re.IGNORECASE | re.ASCII
 )
-#: HTML5 void elements the libxml2 HTML parser gives content and an end tag.
-_HTML5_VOIDS: Final = ("source", "track", "wbr", "embed")
 
 
 @dataclass(frozen=True)
@@ -125,23 +123,29 @@ def extract_image_urls(html: str) -> list[str]:
 def rewrite_image_urls(html: str, mapping: Mapping[str, str]) -> str:
     """The fragment with each image URL that is a key of ``mapping`` replaced by its value.
 
-    ``html`` itself is returned when nothing is replaced, so an article without a
-    cached image costs no parse and no re-serialization.
+    ``html`` is an article's content, nh3's output: its tags are edited as text (see
+    :func:`show_lazy_images`), and ``html`` itself is returned when nothing is
+    replaced, so an article without a cached image costs nothing.
     """
-    if not mapping or ("&#" not in html and not any(
-        url in html or url.replace("&", "&amp;") in html for url in mapping
-    )):
+    if not mapping or not any(
+        url in html or _escaped(url) in html for url in mapping
+    ):
         return html
-    root = _parse_fragment(html)
-    if root is None:
-        return html
-    changed = False
-    for element, attribute, candidates in _image_references(root):
-        if not any(url in mapping for url, _ in candidates):
-            continue
-        element.set(attribute, _joined([(mapping.get(u, u), d) for u, d in candidates]))
-        changed = True
-    return _fragment_html(root, html) if changed else html
+
+    def rewrite(tag: re.Match[str]) -> str:
+        attributes = dict(_ATTRIBUTE.findall(tag[2]))
+        changed = False
+        for attribute in _image_attributes(tag[1]):
+            if (value := attributes.get(attribute)) is None:
+                continue
+            candidates = _candidates(attribute, unescape(value))
+            if any(url in mapping for url, _ in candidates):
+                joined = _joined([(mapping.get(url, url), d) for url, d in candidates])
+                attributes[attribute] = _escaped(joined)
+                changed = True
+        return _start_tag(tag[1], attributes) if changed else tag[0]
+
+    return _IMAGE_TAG.sub(rewrite, html)
 
 
 def show_lazy_images(html: str) -> str:
@@ -149,40 +153,42 @@ def show_lazy_images(html: str) -> str:
 
     Feed readers and the article pages run no script: such an image would never show.
     ``html`` is nh3's output, where every attribute is written ``name="value"``: the
-    tags are edited as text. Serializing a parse again would percent-encode the other
-    URLs (libxml2 does), and the cache's rewriting would no longer find them.
+    tags are edited as text. Serializing a parse again would change the markup:
+    libxml2 percent-encodes URLs and moves tags as HTML 4 nests them.
     """
     if not any(attribute in html for attribute in LAZY_ATTRIBUTES):
         return html
-    return _IMG_TAG.sub(_with_lazy_src, html)
+    return _IMAGE_TAG.sub(_with_lazy_src, html)
 
 
-#: An ``<img>`` start tag as nh3 writes it, and one of its attributes.
-_IMG_TAG = re.compile(r'<img((?:\s+[^\s"=>]+="[^"]*")*)\s*>')
+#: A start tag of an image element as nh3 writes it, and one of its attributes.
+_IMAGE_TAG = re.compile(r'<(img|source)((?:\s+[^\s"=>]+="[^"]*")*)\s*>')
 _ATTRIBUTE = re.compile(r'([^\s"=>]+)="([^"]*)"')
 
 
 def _with_lazy_src(tag: re.Match[str]) -> str:
-    attributes = dict(_ATTRIBUTE.findall(tag[1]))
+    attributes = dict(_ATTRIBUTE.findall(tag[2]))
     lazy = next(filter(None, map(attributes.get, LAZY_ATTRIBUTES)), "")
     url = absolute_url(unescape(lazy).strip())
-    if attributes.get("src") or not _is_absolute_http(url):  # never javascript: or data:
-        return tag[0]
-    attributes["src"] = url.replace("&", "&amp;").replace('"', "&quot;")
-    return "<img" + "".join(f' {name}="{value}"' for name, value in attributes.items()) + ">"
+    if tag[1] != "img" or attributes.get("src") or not _is_absolute_http(url):
+        return tag[0]  # never javascript: or data:
+    attributes["src"] = _escaped(url)
+    return _start_tag("img", attributes)
+
+
+def _start_tag(name: str, attributes: dict[str, str]) -> str:
+    """A start tag as nh3 writes it, from attribute values already escaped."""
+    return f"<{name}" + "".join(f' {key}="{value}"' for key, value in attributes.items()) + ">"
+
+
+def _escaped(value: str) -> str:
+    """An attribute's value as nh3 writes it between double quotes."""
+    return value.replace("&", "&amp;").replace('"', "&quot;")
 
 
 def _joined(candidates: list[tuple[str, str]]) -> str:
     """An attribute's value from its candidates; a plain one is one URL, no descriptor."""
     return ", ".join(f"{url} {descriptor}".rstrip() for url, descriptor in candidates)
-
-
-def _fragment_html(root: lxml.html.HtmlElement, html: str) -> str:
-    """``root`` (a :func:`_parse_fragment` of ``html``) as a fragment again."""
-    out = _serialize(root)
-    # The parser drops leading whitespace; the wrapper <div> is ours, not the source's.
-    leading = html[: len(html) - len(html.lstrip())]
-    return leading + out[len("<div>") : -len("</div>")]
 
 
 def _image_references(
@@ -241,39 +247,6 @@ def _parse_fragment(html: str) -> lxml.html.HtmlElement | None:
         return lxml.html.fragment_fromstring(html, create_parent="div")
     except (etree.ParserError, ValueError):
         return None
-
-
-def _serialize(root: lxml.html.HtmlElement) -> str:
-    """``root`` as HTML, without the end tags libxml2 gives HTML5 void elements.
-
-    libxml2 does not know ``<source>``, ``<track>``, ``<wbr>`` and ``<embed>`` have no
-    content: it nests what follows inside them and closes them. Their content is moved
-    back after them, as a browser parses it, and their end tags are dropped.
-    """
-    voids = list(root.iter(*_HTML5_VOIDS))
-    for element in voids:
-        parent = element.getparent()
-        if parent is None:
-            continue
-        children, text, tail = list(element), element.text or "", element.tail or ""
-        element.text = None
-        element.tail = text or None
-        index = parent.index(element)
-        for offset, child in enumerate(children, 1):
-            parent.insert(index + offset, child)
-        last = children[-1] if children else element
-        last.tail = (last.tail or "") + tail or None
-    out = lxml.html.tostring(root, encoding=str, method="html")
-    position = 0
-    for element in voids:
-        closed = lxml.html.tostring(element, encoding=str, method="html", with_tail=False)
-        end = f"</{element.tag}>"
-        position = out.find(closed, position)
-        if position < 0 or not closed.endswith(end):
-            break  # not serialized as expected: keep the (harmless) end tags
-        position += len(closed) - len(end)
-        out = out[:position] + out[position + len(end) :]
-    return out
 
 
 def _image_attributes(tag: str) -> tuple[str, ...]:
