@@ -220,7 +220,10 @@ def _build_section(name: str, cls: type, raw: dict[str, Any], root: Path) -> Any
         for key, default in _DEFAULT_PATHS.items():
             value = raw.get(key, default)
             _expect(value, str, f"paths.{key}", "a path")
-            values[key] = (root / value).resolve()
+            # sources/ is followed through a symlink at each scan (a deploy may swap
+            # it); the folders feeder writes and serves are resolved once.
+            path = root / value
+            values[key] = Path(os.path.abspath(path)) if key == "sources" else path.resolve()
         return cls(**values)
     defaults = cls()
     for key, value in raw.items():
@@ -287,7 +290,7 @@ def _check_paths(paths: PathsConfig, root: Path) -> None:
 
     Paths are compared as resolved (symlinks followed), part by part.
     """
-    folders = [(f"paths.{key}", getattr(paths, key)) for key in _DEFAULT_PATHS]
+    folders = [(f"paths.{key}", getattr(paths, key).resolve()) for key in _DEFAULT_PATHS]
     for i, (key, folder) in enumerate(folders):
         for other_key, other in folders[:i]:
             if folder.is_relative_to(other) or other.is_relative_to(folder):

@@ -530,6 +530,21 @@ async def test_a_symlink_loop_is_refused_alone(config: Config,
     assert titles(config, "all") == ["Fixed", "Fixed", "A"]
 
 
+async def test_a_swapped_sources_link_is_followed(tmp_path: Path) -> None:
+    for release, title in (("r1", "One"), ("r2", "Two")):
+        (tmp_path / release).mkdir()
+        (tmp_path / release / "a.md").write_text(dated(title, 1), encoding="utf-8")
+    (tmp_path / "sources").symlink_to("r1")
+    config = make_config(tmp_path)
+    with open_refresher(config) as refresher:  # as the daemon keeps it
+        await refresher.refresh()
+        assert titles(config, "all") == ["One"]
+        (tmp_path / "next").symlink_to("r2")
+        (tmp_path / "next").replace(tmp_path / "sources")  # as `ln -sfn` swaps it
+        await refresher.refresh()
+    assert titles(config, "all") == ["Two"]
+
+
 async def test_state_database_survives_and_rebuilds(config: Config) -> None:
     write_source(config, "a.md", dated("A1", 1))
     await refresh(config)
