@@ -51,9 +51,11 @@ def write_atomically(target: Path, chunks: Iterable[bytes]) -> None:
         with open(temp, "wb") as f:
             f.writelines(chunks)
         os.replace(temp, target)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
+        if isinstance(e, OSError) and e.filename is None:  # a write: name its file
+            e.filename = str(target)
         raise
 
 

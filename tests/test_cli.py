@@ -127,6 +127,17 @@ def test_refresh_names_a_feeds_folder_that_is_a_file(config_file: Path, config: 
     assert config.paths.feeds.read_text() == "not a folder\n"
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_refresh_names_the_file_a_full_disk_refused(config_file: Path, config: Config) -> None:
+    write_all(config, GOOD)
+    config.paths.feeds.mkdir()
+    (config.paths.feeds / ".index.html.tmp").symlink_to("/dev/full")  # its writes: ENOSPC
+    result = CliRunner().invoke(cli, ["-c", str(config_file), "refresh"])
+    assert result.exit_code == 1
+    index = config.paths.feeds / "index.html"
+    assert result.output == f"Error: {index}: No space left on device (paths.feeds)\n"
+
+
 # -- check ------------------------------------------------------------------------------
 
 
