@@ -67,6 +67,17 @@ _CUT_MARGIN = 64
 #: The end of an RFC 822 date whose zone is an offset with a colon, or that has no zone.
 _COLON_OFFSET = re.compile(r"\s([+-])(\d\d):(\d\d)$")
 _ENDS_WITH_TIME = re.compile(r"\s\d\d?:\d\d(?::\d\d)?$")
+#: Bodies nested deeper are refused: nh3's time grows with the square of the depth
+#: (100,000 nested <div>s: minutes), and articles nest a few dozen deep.
+MAX_DEPTH = 1000
+_TAG = re.compile(r"<(/?)([a-zA-Z][a-zA-Z0-9]*)")
+#: Void elements, and those a parser closes without their end tag.
+_NOT_NESTING = frozenset({
+    "area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param",
+    "source", "track", "wbr", "p", "li", "dt", "dd", "option", "optgroup", "tr", "td",
+    "th", "thead", "tbody", "tfoot", "colgroup", "rb", "rt", "rp", "rtc",
+    "html", "head", "body",
+})
 #: Blank lines opening a body.
 _LEADING_BLANK_LINES = re.compile(r"\A(?:[ \t]*\n)+")
 #: A line opening a CommonMark HTML block that runs to the next blank line (type 6).
@@ -331,6 +342,8 @@ class SourceParser:
             html = html_blocks_as_rendered(body)
             if html is None:
                 html = self._markdown.render(body)
+        if nested_deeper_than(html, MAX_DEPTH):
+            raise SourceError(path, f"HTML nested deeper than {MAX_DEPTH} elements")
         # YAML escapes and HTML character references can produce them again.
         content = show_lazy_images(strip_xml_forbidden(self._cleaner.clean(html)))
         # Images elsewhere are left as they are: not fetched, not tracked.
@@ -419,6 +432,25 @@ def html_blocks_as_rendered(body: str) -> str | None:
         at_block_start = False
         kept.append(line)
     return "\n".join(kept)
+
+
+def nested_deeper_than(html: str, limit: int) -> bool:
+    """Are elements nested deeper than ``limit`` in ``html``? An upper bound, from tags.
+
+    Void elements and those whose end tag may be left out (``<p>``, ``<li>``) are
+    not counted: a parser closes them. Runs only where there are more tags than
+    ``limit``: a count of ``<`` is all most bodies cost.
+    """
+    if html.count("<") <= limit:
+        return False
+    depth = 0
+    for closing, name in _TAG.findall(html):
+        if name.lower() in _NOT_NESTING:
+            continue
+        depth = max(depth - 1, 0) if closing else depth + 1
+        if depth > limit:
+            return True
+    return False
 
 
 def parse_date(value: Any, tz: tzinfo) -> datetime | None:

@@ -22,6 +22,7 @@ from feeder.exceptions import FeederError, SourceError
 from feeder.feeds import FeedInfo, build_feed
 from feeder.images import extract_image_urls, is_allowed
 from feeder.sources import (
+    MAX_DEPTH,
     SUMMARY_CHARS,
     SourceParser,
     html_blocks_as_rendered,
@@ -523,6 +524,14 @@ def test_sanitizing(parser: SourceParser) -> None:
 
 def test_empty_file(parser: SourceParser) -> None:
     assert "empty" in refuse(parser, b"").reason
+
+
+def test_html_nested_past_the_limit_is_refused(parser: SourceParser) -> None:
+    deep = "<div>" * 100_000 + "x" + "</div>" * 100_000  # minutes of nh3's time
+    error = refuse(parser, front("title: t", deep), "deep.html")
+    assert error.reason == f"HTML nested deeper than {MAX_DEPTH} elements"
+    limit = "<blockquote>" * MAX_DEPTH + "x" + "<p>y" * 5000 + "<br>" * 5000
+    assert "x" in parse(parser, front("title: t", limit), "limit.html").content
 
 
 def test_whitespace_only_file(parser: SourceParser) -> None:
