@@ -44,6 +44,8 @@ _SOURCE_ENDINGS = tuple(SOURCE_SUFFIXES)
 
 #: Characters XML 1.0 forbids (C0 controls but tab/LF/CR, surrogates, U+FFFE/U+FFFF).
 _XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+#: What YAML refuses besides: DEL and the C1 controls but NEL.
+_YAML_REFUSED = re.compile("[\x7f-\x84\x86-\x9f]")
 #: Namespace of article guids: ``urn:uuid:`` from the source path, never the site URL.
 _ID_NAMESPACE = uuid.UUID("6f1d3c52-5d0e-4c1b-9a43-0a6f3e1f2b7e")
 _LINK_KEYS = ("link", "url", "permalink")
@@ -300,8 +302,10 @@ class SourceParser:
             fm, body = self._handler.split(stripped)
         except ValueError:
             raise SourceError(path, "front matter is not closed by ---", 1) from None
+        # XML takes C1 controls, YAML does not: they are mojibake (cp1252's quotes).
+        yaml_text, controls = _YAML_REFUSED.subn("", fm)
         try:
-            meta = self._handler.load(fm)
+            meta = self._handler.load(yaml_text)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = None
@@ -319,10 +323,12 @@ class SourceParser:
         if not isinstance(meta, dict):
             raise SourceError(path, f"front matter is a {type(meta).__name__}, not a mapping", 2)
         # Blank lines go, but not the first line's indent: in Markdown it makes code.
-        return self._article(path, meta, _LEADING_BLANK_LINES.sub("", body).rstrip(), mtime)
+        warnings = [f"front matter: {controls} control characters removed"] if controls else []
+        body = _LEADING_BLANK_LINES.sub("", body).rstrip()
+        return self._article(path, meta, body, mtime, warnings)
 
-    def _article(self, path: str, meta: dict[Any, Any], body: str, mtime: datetime) -> Article:
-        warnings: list[str] = []
+    def _article(self, path: str, meta: dict[Any, Any], body: str, mtime: datetime,
+                 warnings: list[str]) -> Article:
         title = _text(meta.get("title")) or _title_from_path(path)
         published = self._date(meta.get("date"), "date", warnings)
         if published is None:

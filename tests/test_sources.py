@@ -446,6 +446,15 @@ def test_xml_forbidden_characters_are_removed(parser: SourceParser) -> None:
     assert normalized_text(article.content) == "xyz!"
 
 
+def test_controls_yaml_refuses_leave_the_front_matter_with_a_warning(
+        parser: SourceParser) -> None:
+    article = parse(parser, "---\ntitle: cp1252 \x93quoted\x94 \x7f\ndate: 2022-03-30 11:17:49"
+                            "\n---\nBody \x93kept\x94.\n")
+    assert article.title == "cp1252 quoted"
+    assert article.warnings == ("front matter: 3 control characters removed",)
+    assert "Body \x93kept\x94." in article.content  # XML takes them
+
+
 def test_xml_forbidden_characters_from_yaml_escapes_are_removed(
         parser: SourceParser, config: Config) -> None:
     article = parse(parser, '---\ntitle: "a\\x00b\\x0bc"\nauthor: "x\\x01y"\n---\nBody.\n')
