@@ -49,6 +49,7 @@ _YAML_REFUSED = re.compile("[\x7f-\x84\x86-\x9f]")
 #: Namespace of article guids: ``urn:uuid:`` from the source path, never the site URL.
 _ID_NAMESPACE = uuid.UUID("6f1d3c52-5d0e-4c1b-9a43-0a6f3e1f2b7e")
 _LINK_KEYS = ("link", "url", "permalink")
+_IMAGE_KEYS = ("headimg", "thumbnail")
 #: Why a file whose path is not UTF-8 is left out.
 MISNAMED = "skipped: the file name is not UTF-8 (rename it)"
 _MAX_INT64 = 2**63 - 1
@@ -329,6 +330,7 @@ class SourceParser:
 
     def _article(self, path: str, meta: dict[Any, Any], body: str, mtime: datetime,
                  warnings: list[str]) -> Article:
+        _warn_of_wrong_types(meta, warnings)
         title = _text(meta.get("title")) or _title_from_path(path)
         published = self._date(meta.get("date"), "date", warnings)
         if published is None:
@@ -544,6 +546,15 @@ def _text(value: Any) -> str | None:
         value = value.decode("utf-8", "replace")
     text = " ".join(strip_xml_forbidden(str(value)).split())
     return text or None
+
+
+def _warn_of_wrong_types(meta: dict[Any, Any], warnings: list[str]) -> None:
+    """A list or mapping where one text or URL is read is left out: say so."""
+    for key in ("title", "author", *_IMAGE_KEYS):
+        value, url = meta.get(key), key in _IMAGE_KEYS
+        if isinstance(value, list | dict) or (url and isinstance(value, int | float)):
+            kind = "a URL" if url else "text"
+            warnings.append(f"{key}: {reprlib.repr(value)} is not {kind}: left out")
 
 
 def _url(value: Any) -> str | None:

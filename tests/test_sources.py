@@ -455,6 +455,18 @@ def test_controls_yaml_refuses_leave_the_front_matter_with_a_warning(
     assert "Body \x93kept\x94." in article.content  # XML takes them
 
 
+def test_a_value_of_the_wrong_type_is_left_out_with_a_warning(parser: SourceParser) -> None:
+    article = parse(parser, front("title: [a, b]\nauthor: {name: Bob}\nheadimg: 42\n"
+                                  "thumbnail: [https://img.cls.cn/t.png]"), "my-post.md")
+    assert (article.title, article.author, article.headimg, article.thumbnail) == (
+        "my post", None, None, None)
+    assert article.warnings == (
+        "title: ['a', 'b'] is not text: left out", "author: {'name': 'Bob'} is not text: left out",
+        "headimg: 42 is not a URL: left out",
+        "thumbnail: ['https://img.cls.cn/t.png'] is not a URL: left out",
+    )
+
+
 def test_xml_forbidden_characters_from_yaml_escapes_are_removed(
         parser: SourceParser, config: Config) -> None:
     article = parse(parser, '---\ntitle: "a\\x00b\\x0bc"\nauthor: "x\\x01y"\n---\nBody.\n')
