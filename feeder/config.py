@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import reprlib
 import unicodedata
 from dataclasses import dataclass, field
@@ -306,16 +307,18 @@ def _check_paths(paths: PathsConfig, root: Path) -> None:
 #: What :func:`iri_to_uri` leaves as it is besides letters, digits and ``_.-~``: URI
 #: delimiters, and ``%`` (a URL's escapes are kept as they are).
 _URI_SAFE = "!#$%&'()*+,/:;=?@[]"
+#: ASCII characters a URI may not hold (RFC 3986).
+_NOT_IN_URI = re.compile(r'[\x00-\x20\x7f"<>\\^`{|}]')
 
 
 def iri_to_uri(url: str) -> str:
     """An absolute URL as a URI: a non-ASCII host in IDNA, other characters that a URI
-    may not hold (non-ASCII, spaces) percent-encoded. Nothing else is changed.
+    may not hold (non-ASCII, spaces, ``"<>``...) percent-encoded. Nothing else is changed.
 
     Raises:
         ValueError: the host is not a valid domain name.
     """
-    if url.isascii() and url.isprintable() and " " not in url:
+    if url.isascii() and not _NOT_IN_URI.search(url):
         return url
     parts = urlsplit(url)
     netloc = parts.netloc

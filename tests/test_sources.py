@@ -435,6 +435,8 @@ def test_a_link_is_made_a_valid_uri(parser: SourceParser) -> None:
     assert article.link == (
         "https://xn--fsqu00a.xn--0zwm56d/%E8%B7%AF%E5%BE%84%20a?q=%E4%B8%AD&r=%E4%B8%AD"
     )
+    article = parse(parser, front("title: t\nlink: 'https://a.example/x\"><s>{a|b}^`\\'"))
+    assert article.link == "https://a.example/x%22%3E%3Cs%3E%7Ba%7Cb%7D%5E%60%5C"
 
 
 def test_xml_forbidden_characters_are_removed(parser: SourceParser) -> None:
