@@ -185,6 +185,15 @@ def test_check_names_a_file_whose_name_is_not_utf8(config_file: Path, config: Co
     assert "failing source" not in run(config_file, "status").stdout
 
 
+def test_check_escapes_control_characters_in_a_name(config_file: Path, config: Config) -> None:
+    write_source(config, "evil\nx.md: fake reason\ny\x1b[31m.md", b"no front matter\n")
+    result = run(config_file, "check")
+    assert result.exit_code == 1
+    assert lines(result.stdout) == [
+        "evil\\x0ax.md: fake reason\\x0ay\\x1b[31m.md:1: no front matter (a file must start "
+        "with ---)"]
+
+
 def test_check_names_a_missing_sources_folder(config_file: Path, config: Config) -> None:
     result = CliRunner().invoke(cli, ["-c", str(config_file), "check"])
     assert result.exit_code == 1
