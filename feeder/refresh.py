@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
@@ -324,10 +324,7 @@ class Refresher:
         progress.start("parse", len(changed))
         with self.store.transaction():
             if removed:
-                changes.categories |= self.store.categories_of(removed)
-                changes.removed_pages |= {p for p in removed if self.store.article(p)}
-                self.store.delete_sources(removed)
-                changes.count += len(removed)
+                self._remove_sources(removed, changes)
             for done, file in enumerate(changed, 1):
                 if self._abandon.is_set():
                     break  # commit what is parsed; the rest waits for the next refresh
@@ -348,6 +345,13 @@ class Refresher:
                 self.store.set_meta(_PARSE_SETTINGS, parse_settings)
         self._check_abandoned()
         return len(found) + len(scan.misnamed), changes, self.store.images_to_fetch(now)
+
+    def _remove_sources(self, removed: Collection[str], changes: _Changes) -> None:
+        """Forget deleted sources; their feeds are rebuilt, their pages deleted."""
+        changes.categories |= self.store.categories_of(removed)
+        changes.removed_pages |= {p for p in removed if self.store.article(p)}
+        self.store.delete_sources(removed)
+        changes.count += len(removed)
 
     def _start_running(self) -> None:
         """Mark a refresh as running; if the last one never finished, delete its temp files."""
@@ -372,6 +376,10 @@ class Refresher:
         try:
             data = read_source(root / file.path, self.config.sources.max_bytes, file.path)
         except SourceError as e:
+            if isinstance(e.__cause__, FileNotFoundError):  # deleted since the scan
+                if known_hash is not None:
+                    self._remove_sources([file.path], changes)
+                return
             data, error = b"", _reason(e)
             # Stored as never read, so the next scan tries again: a permission put
             # right leaves the mtime as it was.

@@ -23,6 +23,7 @@ import feedparser
 import lxml.html
 import pytest
 
+import feeder.refresh
 from feeder.config import Config, load_config
 from feeder.exceptions import FeederError, LockedError, RefreshAbandoned
 from feeder.feeds import article_page_path
@@ -543,6 +544,26 @@ async def test_a_swapped_sources_link_is_followed(tmp_path: Path) -> None:
         (tmp_path / "next").replace(tmp_path / "sources")  # as `ln -sfn` swaps it
         await refresher.refresh()
     assert titles(config, "all") == ["Two"]
+
+
+async def test_a_file_deleted_during_a_refresh_is_taken_as_deleted(
+        config: Config, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    write_source(config, "a.md", dated("A", 1))
+    old = write_source(config, "old.md", dated("Old", 2))
+    await refresh(config)
+    new = write_source(config, "new.md", dated("New", 3))
+    old.write_text(dated("Old edited", 2), encoding="utf-8")
+    read = feeder.refresh.read_source
+
+    def deleted_after_the_scan(path: Path, *args: object) -> bytes:
+        if path in (old, new):
+            path.unlink()
+        return read(path, *args)
+
+    monkeypatch.setattr(feeder.refresh, "read_source", deleted_after_the_scan)
+    summary = await refresh(config)
+    assert (summary.failed, "cannot read" in caplog.text) == (0, False)
+    assert titles(config, "all") == ["A"]
 
 
 async def test_state_database_survives_and_rebuilds(config: Config) -> None:
