@@ -327,8 +327,8 @@ class SourceParser:
             meta = {}
         if not isinstance(meta, dict):
             raise SourceError(path, f"front matter is a {type(meta).__name__}, not a mapping", 2)
-        # Blank lines go, but not the first line's indent: in Markdown it makes code.
         warnings = [f"front matter: {controls} control characters removed"] if controls else []
+        # Blank lines go, but not the first line's indent: in Markdown it makes code.
         body = _LEADING_BLANK_LINES.sub("", body).rstrip()
         return self._article(path, meta, body, mtime, warnings)
 
