@@ -715,7 +715,10 @@ def collect_garbage(config: Config, store: Store) -> tuple[int, int, int]:
         raise FeederError("the last refresh did not finish: run `feeder refresh` first, "
                           "or the images of articles it did not reach would be deleted")
     scan = _SourceScan.of(config.paths.sources, store)
-    if scan.changed or scan.removed:
+    # A file no refresh could read looks changed to every scan (it is tried again each
+    # refresh), and has no images to lose.
+    unread = {path for path, (_size, mtime) in scan.known.items() if mtime == _UNREAD}
+    if set(scan.changed) - unread or scan.removed:
         raise FeederError("sources/ changed since the last refresh: run `feeder refresh` "
                           "first, or the images of articles it has not seen would be deleted")
     keep = {cache_key(url) for url in store.referenced_image_urls()}

@@ -403,6 +403,18 @@ def test_gc_deletes_nothing_the_refreshes_have_not_seen(config_file: Path,
     assert run(config_file, "gc").stdout.startswith("0 cached images removed")
 
 
+def test_gc_is_not_held_up_by_a_file_no_refresh_can_read(config_file: Path,
+                                                          config: Config) -> None:
+    write_source(config, "cls-seed.md", SEED_TEXT)
+    (config.paths.sources / "loop.md").symlink_to("loop.md")  # refused at each refresh
+    run(config_file, "refresh")
+    config.paths.cache.mkdir(exist_ok=True)
+    (config.paths.cache / "stray.png").write_bytes(PNG)
+    result = run(config_file, "gc")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("1 cached images removed")
+
+
 def test_gc_refuses_to_empty_the_cache(config_file: Path, config: Config) -> None:
     # sources/ is an empty mount point: the refresh unpublished everything.
     config.paths.sources.mkdir()
