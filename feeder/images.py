@@ -18,7 +18,7 @@ import os
 import random
 import re
 import socket
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -30,11 +30,9 @@ from urllib.parse import SplitResult, urljoin, urlsplit
 import aiofiles
 import aiofiles.os
 import aiohttp
-import lxml.html
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.http_exceptions import ContentLengthError
 from aiohttp.resolver import DefaultResolver
-from lxml import etree
 
 from feeder import __version__
 from feeder.config import ImagesConfig
@@ -105,19 +103,6 @@ ImageResult = CachedImage | FailedImage
 
 
 # -- HTML ---------------------------------------------------------------------------------
-
-
-def extract_image_urls(html: str) -> list[str]:
-    """Absolute http(s) image URLs referenced by an HTML fragment, once each, in order."""
-    root = _parse_fragment(html)
-    if root is None:
-        return []
-    found: dict[str, None] = {}
-    for _, _, candidates in _image_references(root):
-        for url, _ in candidates:
-            if _is_absolute_http(url):
-                found.setdefault(url, None)
-    return list(found)
 
 
 def rewrite_image_urls(html: str, mapping: Mapping[str, str]) -> str:
@@ -191,21 +176,6 @@ def _joined(candidates: list[tuple[str, str]]) -> str:
     return ", ".join(f"{url} {descriptor}".rstrip() for url, descriptor in candidates)
 
 
-def _image_references(
-    root: lxml.html.HtmlElement,
-) -> Iterator[tuple[lxml.html.HtmlElement, str, list[tuple[str, str]]]]:
-    """Each image attribute under ``root`` with its ``(url, descriptor)`` candidates.
-
-    A ``srcset`` gives one candidate per entry; ``src`` and the lazy-load attributes
-    give one candidate, the URL, with an empty descriptor.
-    """
-    for element in root.iter("img", "source"):
-        for attribute in _image_attributes(element.tag):
-            value = element.get(attribute)
-            if value is not None:
-                yield element, attribute, _candidates(attribute, value)
-
-
 def _candidates(attribute: str, value: str) -> list[tuple[str, str]]:
     if attribute in SRCSET_ATTRIBUTES:
         return _parse_srcset(value)
@@ -215,7 +185,7 @@ def _candidates(attribute: str, value: str) -> list[tuple[str, str]]:
 class ImageCollector:
     """An nh3 ``attribute_filter`` that notes the image URLs of the HTML being cleaned.
 
-    What :func:`extract_image_urls` finds, without parsing the cleaned HTML again.
+    It notes them while nh3 parses, so the cleaned HTML is never parsed again.
     A protocol-relative URL (``//img.cls.cn/...``) becomes ``https:``: a reader would
     resolve it against the feed's address, and the image is the origin's.
     One collector serves one clean at a time: :meth:`take` returns and forgets.
@@ -239,14 +209,6 @@ class ImageCollector:
         found = list(self._found)
         self._found.clear()
         return found
-
-
-def _parse_fragment(html: str) -> lxml.html.HtmlElement | None:
-    """The fragment inside a ``<div>`` of our own, or None if lxml cannot read it at all."""
-    try:
-        return lxml.html.fragment_fromstring(html, create_parent="div")
-    except (etree.ParserError, ValueError):
-        return None
 
 
 def _image_attributes(tag: str) -> tuple[str, ...]:

@@ -23,7 +23,6 @@ from feeder.images import (
     FailedImage,
     _is_public,
     cache_name,
-    extract_image_urls,
     fetch_images,
     find_cached,
     is_allowed,
@@ -33,6 +32,7 @@ from feeder.images import (
     sniff_image,
     split_refused,
 )
+from tests.imagerefs import extract_image_urls
 from tests.imageserver import (
     GIF,
     HTML_PAGE,

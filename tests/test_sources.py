@@ -20,7 +20,7 @@ import feeder.sources
 from feeder.config import Config
 from feeder.exceptions import FeederError, SourceError
 from feeder.feeds import FeedInfo, build_feed
-from feeder.images import extract_image_urls, is_allowed
+from feeder.images import is_allowed
 from feeder.sources import (
     MAX_DEPTH,
     SUMMARY_CHARS,
@@ -33,6 +33,7 @@ from feeder.sources import (
 )
 from feeder.types import Article
 from tests.conftest import SEED_TEXT, make_config, write_source
+from tests.imagerefs import extract_image_urls
 
 MTIME = datetime(2021, 6, 1, 12, 0, 0, tzinfo=UTC)
 #: 2022-03-30 11:17:49 in Shanghai.
