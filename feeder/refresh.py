@@ -316,6 +316,8 @@ class Refresher:
     def _update_sources(self, progress: Progress,
                         now: datetime) -> tuple[int, _Changes, list[str]]:
         """Scan, parse what changed; the number of files found, the changes, the images due."""
+        if self.store.reopen_if_replaced():
+            log.warning("%s was deleted or replaced: rebuilding it", self.config.database)
         self._start_running()
         root = self.config.paths.sources
         scan = _SourceScan.of(root, self.store)

@@ -7,6 +7,7 @@ refresh. Feeds are built from it, so a refresh never re-reads unchanged files.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -96,8 +97,11 @@ class FailingImage:
 class Store:
     """The state database. One connection; used by one thread at a time."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
         self._db = db
+        self._path = path
+        #: The database file opened, to notice it deleted or replaced.
+        self._identity = _file_identity(path)
         #: :meth:`source_stats` as last read, and the ``data_version`` it was read at;
         #: None once this connection wrote to ``sources``.
         self._source_stats: tuple[SourceStats, int] | None = None
@@ -115,10 +119,24 @@ class Store:
                 raise
         except sqlite3.Error as e:
             raise StoreError(f"{path}: cannot open the state database: {e}") from e
-        return cls(db)
+        return cls(db, path)
 
     def close(self) -> None:
         self._db.close()
+
+    def reopen_if_replaced(self) -> bool:
+        """Open the database anew if its file was deleted or replaced since; True if so.
+
+        Otherwise a database deleted by hand while a daemon runs would go on living
+        in a file no one else sees. The old connection closes first: it removes its
+        write-ahead log, which the new database must not take for its own.
+        """
+        if _file_identity(self._path) == self._identity:
+            return False
+        self._db.close()
+        fresh = Store.open(self._path)
+        self._db, self._identity, self._source_stats = fresh._db, fresh._identity, None
+        return True
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -395,6 +413,14 @@ class Store:
 def _iso(value: datetime) -> str:
     """A sortable UTC timestamp string (every datetime in feeder is aware)."""
     return value.astimezone(UTC).isoformat()
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _prepare(db: sqlite3.Connection, path: Path) -> None:

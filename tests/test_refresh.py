@@ -30,6 +30,7 @@ from feeder.feeds import article_page_path
 from feeder.output import OutputFolder
 from feeder.refresh import Refresher, RefreshSummary, lock, open_refresher
 from feeder.sources import article_id
+from feeder.store import Store
 from tests.conftest import (
     SEED_TEXT,
     article_text,
@@ -594,6 +595,23 @@ async def test_state_database_survives_and_rebuilds(config: Config) -> None:
     assert summary.changed == 1  # a cold refresh re-reads everything ...
     assert summary.written == 0  # ... and finds every output already right
     assert snapshot(config.paths.feeds) == before
+
+
+async def test_a_state_database_deleted_while_a_daemon_runs_is_rebuilt(config: Config) -> None:
+    write_source(config, "a.md", dated("A1", 1))
+    write_source(config, "b.md", dated("B1", 2))
+    with open_refresher(config) as refresher:
+        await refresher.refresh()
+        before = snapshot(config.paths.feeds)
+        config.database.unlink()  # its write-ahead log stays behind
+        summary = await refresher.refresh()
+        assert (summary.changed, summary.articles, summary.written) == (2, 2, 0)
+        write_source(config, "c.md", dated("C1", 3))
+        await refresher.refresh()
+    assert snapshot(config.paths.feeds).keys() > before.keys()
+    with contextlib.closing(Store.open(config.database)) as store:  # the file others read
+        assert store.count_articles() == 3
+        assert [r["articles"] for r in store.last_refreshes(5)] == [3, 2]
 
 
 async def test_a_rebuilt_state_database_unpublishes_the_page_of_a_deleted_source(
