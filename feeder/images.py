@@ -529,13 +529,16 @@ async def fetch_images(
     Returns one result per URL that finished within ``deadline`` seconds (default
     ``config.deadline``), or before ``stop`` was set, in the order given; downloads
     still running then are cancelled, their temp files removed, and their URLs left
-    out: they are pending. ``on_result`` is called as each URL finishes. Failures
-    are results, not errors.
+    out: they are pending, unless an attempt failed already, which is then their
+    result (else an origin that never answers would hold every refresh for its
+    deadline, and never show as failing). ``on_result`` is called as each URL
+    finishes. Failures are results, not errors.
     """
     unique = list(dict.fromkeys(urls))
     deadline = config.deadline if deadline is None else deadline
     await aiofiles.os.makedirs(cache_dir, exist_ok=True)
     finished: dict[str, ImageResult] = {}
+    failed_attempts: dict[str, FailedImage] = {}  # the last of each URL
 
     def report(result: ImageResult) -> ImageResult:
         finished[result.url] = result
@@ -558,7 +561,8 @@ async def fetch_images(
             async with _open_session(config, resolver) as session:
 
                 async def fetch_and_report(url: str) -> None:
-                    report(await _fetch_image(session, limits, url, config, cache_dir))
+                    report(await _fetch_image(session, limits, url, config, cache_dir,
+                                              failed_attempts))
 
                 tasks: list[asyncio.Task[None]] = []
                 try:
@@ -581,6 +585,9 @@ async def fetch_images(
                         task.result()  # a bug in a download is raised, not hidden
         finally:
             await resolver.close()
+        for url, failure in failed_attempts.items():
+            if url not in finished:  # cut short in its backoff or its next attempt
+                report(failure)
     return [finished[url] for url in unique if url in finished]
 
 
@@ -619,8 +626,12 @@ async def _fetch_image(
     url: str,
     config: ImagesConfig,
     cache_dir: Path,
+    failed_attempts: dict[str, FailedImage],
 ) -> ImageResult:
-    """One URL, with up to ``config.attempts`` attempts on errors worth retrying."""
+    """One URL, with up to ``config.attempts`` attempts on errors worth retrying.
+
+    Each failed attempt is noted in ``failed_attempts``, in case no other follows.
+    """
     target = mirror_url(url, config)
     # The host actually requested (the mirror's, if any), by port as aiohttp counts hosts.
     host = urlsplit(target).netloc.lower()
@@ -630,6 +641,7 @@ async def _fetch_image(
                 return await _attempt(session, url, target, config, cache_dir)
         except ImageError as e:
             failure = FailedImage(url, e.reason, e.permanent, e.retry_after)
+        failed_attempts[url] = failure
         log.debug("%s: attempt %d: %s", url, attempt + 1, failure.error)
         if failure.permanent or attempt + 1 == config.attempts:
             return failure

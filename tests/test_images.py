@@ -455,6 +455,14 @@ async def test_deadline_defaults_to_config(server, cache):
     assert files(cache) == []
 
 
+async def test_deadline_after_a_failed_attempt_gives_that_failure(server, cache):
+    server.route("/images/slow.png", hang(head=PNG))
+    config = config_for(server, timeout=0.3, attempts=3, deadline=1.0)
+    url = f"{ORIGIN}/images/slow.png"
+    assert await fetch_images([url], config, cache) == [FailedImage(url, "timed out", False, None)]
+    assert files(cache) == []
+
+
 async def test_cancelled_download_leaves_no_file(server, cache):
     # Past the size held in memory, so that the download is streamed to a .part file.
     server.route("/images/slow.png", hang(head=PNG + bytes(BUFFER_BYTES + 1)))

@@ -245,6 +245,22 @@ async def test_a_slow_origin_does_not_hold_feeds_back(tmp_path, server):
     assert not [p for p in config.paths.cache.iterdir() if p.name.startswith(".")]
 
 
+async def test_an_origin_that_never_answers_shows_as_failing_and_waits_its_turn(tmp_path,
+                                                                                   server):
+    server.route("/images/20220330/c8Agbj08W6.png", hang(PNG))
+    config = load(write_config(tmp_path, server.url, deadline=1, timeout=0.3, attempts=3))
+    seed(config)
+    summary = await refresh(config)
+    assert (summary.images_fetched, summary.images_failed) == (3, 1)
+    args = ["-c", str(tmp_path / "config.yaml"), "status"]
+    result = await asyncio.to_thread(CliRunner().invoke, cli, args)
+    assert "failing image https://img.cls.cn/images/20220330/c8Agbj08W6.png" in result.output
+    assert "timed out" in result.output
+    requests = server.requests["/images/20220330/c8Agbj08W6.png"]
+    await refresh(config)  # not due yet: no wait for the deadline
+    assert server.requests["/images/20220330/c8Agbj08W6.png"] == requests
+
+
 async def test_an_abandoned_refresh_stops_downloading_and_keeps_what_it_downloaded(
         tmp_path, server):
     # As the daemon does on SIGTERM: three images are in, the fourth hangs.
