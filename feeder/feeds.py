@@ -119,11 +119,16 @@ def category_slugs(categories: Iterable[str], overrides: Mapping[str, str]) -> d
     """Slug of each category, each its own folder on any file system.
 
     Categories sharing a slug, or whose slugs differ only in case, all get a suffix:
-    a hash of the name, long enough not to be another category's slug.
+    a hash of the name, long enough not to be another category's slug. A slug from
+    ``overrides`` (``feeds.slugs``) is kept as it is: a category whose own slug is
+    the same gives way.
     """
-    wanted = {name: overrides.get(name) or slugify(name) for name in categories}
+    configured = {name: overrides[name] for name in categories if overrides.get(name)}
+    wanted = {name: configured.get(name) or slugify(name) for name in categories}
     count = Counter(slug.casefold() for slug in wanted.values())
-    slugs = {name: slug for name, slug in wanted.items() if count[slug.casefold()] == 1}
+    reserved = Counter(slug.casefold() for slug in configured.values())
+    slugs = {name: slug for name, slug in wanted.items()
+             if (reserved if name in configured else count)[slug.casefold()] == 1}
     taken = {slug.casefold() for slug in slugs.values()}
     for name in sorted(wanted.keys() - slugs.keys()):
         digest = _name_hash(name)

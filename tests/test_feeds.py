@@ -102,9 +102,11 @@ def test_slug_overrides_from_config() -> None:
     assert slugs == {"金融": "finance", "深度": "深度"}
 
 
-def test_override_colliding_with_a_derived_slug_is_disambiguated() -> None:
-    slugs = category_slugs(["金融", "finance"], {"金融": "finance"})
-    assert len(set(slugs.values())) == 2
+@pytest.mark.parametrize("other", ["finance", "Finance", "finance!"])
+def test_a_configured_slug_is_kept_and_a_derived_one_gives_way(other: str) -> None:
+    slugs = category_slugs(["金融", other], {"金融": "finance"})
+    assert slugs == {"金融": "finance",
+                     other: slugify(other) + "-" + hashlib.sha1(other.encode()).hexdigest()[:6]}
 
 
 def test_a_hash_suffix_never_lands_on_another_category_s_slug() -> None:
