@@ -362,6 +362,11 @@ async def ask_daemon(config: Config, method: str, path: str) -> dict[str, Any] |
             method, f"http://feeder{path}", timeout=aiohttp.ClientTimeout(total=None)
         ) as response:
             data: dict[str, Any] = await response.json()
+    except aiohttp.ClientConnectorError as e:
+        if isinstance(e.os_error, PermissionError):  # a daemon run by another user
+            raise FeederError(f"cannot ask the daemon at {config.control_socket} "
+                              f"(paths.state): permission denied") from e
+        return None
     except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError):
         return None
     if "error" in data:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
@@ -301,6 +302,21 @@ def test_status_before_any_refresh(config_file: Path) -> None:
     result = run(config_file, "status")
     assert result.exit_code == 0
     assert "never refreshed" in result.stdout
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root connects whatever the socket's mode")
+@pytest.mark.parametrize("command", ["refresh", "status"])
+def test_a_daemon_of_another_user_is_named_not_taken_for_none(config_file: Path, config: Config,
+                                                              command: str) -> None:
+    config.paths.state.mkdir()
+    with socket.socket(socket.AF_UNIX) as listening:  # as the daemon's socket: mode 0600
+        listening.bind(str(config.control_socket))
+        listening.listen()
+        config.control_socket.chmod(0)  # not this user's, as far as connecting goes
+        result = run(config_file, command)
+    assert result.exit_code == 1
+    assert result.output == (f"Error: cannot ask the daemon at {config.control_socket} "
+                             "(paths.state): permission denied\n")
 
 
 def test_status_lists_failing_sources(config_file: Path, config: Config) -> None:
