@@ -17,7 +17,7 @@ from rich.progress import Progress as RichBar
 from feeder import __version__
 from feeder.config import Config, load_config
 from feeder.daemon import ask_daemon, run_daemon
-from feeder.exceptions import FeederError, SourceError, path_error
+from feeder.exceptions import FeederError, SourceError, known_error
 from feeder.refresh import RefreshSummary, collect_garbage, lock, open_refresher
 from feeder.sources import (
     MISNAMED,
@@ -85,15 +85,13 @@ def _known_errors(config: Config) -> Iterator[None]:
     """Turn feeder's errors into one clear line and exit status 1.
 
     So too a system error about a file the user controls (paths.feeds is a file, no
-    permission): the line names the file and its config key. Other errors keep their
-    traceback: they are bugs.
+    permission), and a damaged state database: the line names the file and its config
+    key. Other errors keep their traceback: they are bugs.
     """
     try:
         yield
-    except FeederError as e:
-        raise click.ClickException(str(e)) from e
-    except OSError as e:
-        known = path_error(e, config)
+    except Exception as e:
+        known = known_error(e, config)
         if known is None:
             raise
         raise click.ClickException(str(known)) from e

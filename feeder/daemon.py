@@ -30,7 +30,7 @@ from feeder.exceptions import (
     FeederError,
     LockedError,
     RefreshAbandoned,
-    path_error,
+    known_error,
 )
 from feeder.refresh import FileLock, Refresher, RefreshSummary, open_refresher, refresh_lock
 from feeder.sources import is_source_name
@@ -215,9 +215,7 @@ class Daemon:
         is a file, no permission) are one line naming it; anything else is a bug,
         logged with its traceback.
         """
-        known: FeederError | None = error if isinstance(error, FeederError) else None
-        if isinstance(error, OSError):
-            known = path_error(error, self.config)
+        known = known_error(error, self.config)
         if known is None:
             log.error("refresh failed", exc_info=error)
             return str(error)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -74,6 +75,23 @@ class PathError(FeederError):
         self.reason = reason
         #: The config key of the folder it is in (``paths.feeds``), if it is in one.
         self.key = key
+
+
+def known_error(error: Exception, config: Config) -> FeederError | None:
+    """``error`` as one line a user can act on, or None for a bug (it keeps its traceback).
+
+    That is feeder's own errors, a system error about a file the user controls
+    (:func:`path_error`), and a state database that is damaged or cannot be written.
+    """
+    if isinstance(error, FeederError):
+        return error
+    if isinstance(error, OSError):
+        return path_error(error, config)
+    # Not the errors of a wrong query (ProgrammingError, IntegrityError): those are bugs.
+    if isinstance(error, sqlite3.OperationalError) or type(error) is sqlite3.DatabaseError:
+        return StoreError(f"{config.database}: {error} (paths.state; once deleted, the "
+                          "next refresh rebuilds it)")
+    return None
 
 
 def path_error(error: OSError, config: Config) -> PathError | None:

@@ -285,7 +285,7 @@ def test_missing_config_file(tmp_path: Path) -> None:
     assert "nope.yaml" in result.output
 
 
-@pytest.mark.parametrize("command", ["refresh", "status", "gc"])
+@pytest.mark.parametrize("command", ["refresh", "status"])
 def test_a_state_folder_that_is_a_file_is_named(config_file: Path, config: Config,
                                                 command: str) -> None:
     config.paths.state.write_text("not a folder\n")
@@ -317,6 +317,21 @@ def test_a_daemon_of_another_user_is_named_not_taken_for_none(config_file: Path,
     assert result.exit_code == 1
     assert result.output == (f"Error: cannot ask the daemon at {config.control_socket} "
                              "(paths.state): permission denied\n")
+
+
+@pytest.mark.parametrize("command", ["refresh", "status"])
+def test_a_damaged_state_database_is_named_with_what_to_do(config_file: Path, config: Config,
+                                                           command: str) -> None:
+    write_all(config, GOOD, {f"more/{i}.md": GOOD["cls-seed.md"] for i in range(20)})
+    assert run(config_file, "refresh").exit_code == 0
+    with open(config.database, "r+b") as database:  # its header left whole
+        database.seek(2 * 4096)
+        database.write(b"\xff" * 8 * 4096)
+    result = run(config_file, command)
+    assert result.exit_code == 1
+    assert lines(result.output)[-1] == (
+        f"Error: {config.database}: database disk image is malformed (paths.state; "
+        "once deleted, the next refresh rebuilds it)")
 
 
 def test_status_lists_failing_sources(config_file: Path, config: Config) -> None:
