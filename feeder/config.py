@@ -47,9 +47,6 @@ class SiteConfig:
     title: str = "feeder"
     #: Zone of dates written without an offset.
     timezone: str = "Asia/Shanghai"
-    #: Domain used in ``tag:`` ids; never derived from ``base_url`` so moving
-    #: the site does not change any id.
-    id_authority: str = "feeder.invalid,2022"
 
     @property
     def tz(self) -> ZoneInfo:
@@ -195,11 +192,12 @@ def config_from_dict(raw: Any, root: Path) -> Config:
         value = raw.get(name) or {}
         _expect(value, dict, name, "a mapping")
         sections[name] = _build_section(name, cls, value, root)
+    site, feeds = sections["site"], sections["feeds"]
     sections["site"] = dataclasses.replace(
-        sections["site"], base_url=sections["site"].base_url.rstrip("/")
+        site, base_url=site.base_url.rstrip("/"), title=_name("site.title", site.title)
     )
     sections["feeds"] = dataclasses.replace(
-        sections["feeds"], default_category=_category_name(sections["feeds"].default_category)
+        feeds, default_category=_name("feeds.default_category", feeds.default_category)
     )
     config = Config(**sections)
     _check(config, root.resolve())
@@ -221,6 +219,8 @@ def _build_section(name: str, cls: type, raw: dict[str, Any], root: Path) -> Any
         for key, default in _DEFAULT_PATHS.items():
             value = raw.get(key, default)
             _expect(value, str, f"paths.{key}", "a path")
+            if "\0" in value:
+                raise ConfigError(f"paths.{key}", f"{value!r} holds a NUL character")
             # sources/ is followed through a symlink at each scan (a deploy may swap
             # it); the folders feeder writes and serves are resolved once.
             path = root / value
@@ -353,14 +353,16 @@ def _check_url(key: str, url: str) -> None:
                                "it has a query or fragment, which would end every link")
 
 
-def _category_name(name: str) -> str:
-    """``feeds.default_category`` as sources' category names are: one line, spaces collapsed."""
+def _name(key: str, name: str) -> str:
+    """A title or category name, as sources' category names are: one line, spaces collapsed.
+
+    Feeds show it: a character XML forbids would fail every refresh, not just load.
+    """
     if any(_is_control(c) or c in "\ufffe\uffff" for c in name):
-        raise ConfigError("feeds.default_category", f"{name!r} holds a control character "
-                                                    "or one XML forbids")
+        raise ConfigError(key, f"{name!r} holds a control character or one XML forbids")
     collapsed = " ".join(name.split())
     if not collapsed:
-        raise ConfigError("feeds.default_category", "must not be empty")
+        raise ConfigError(key, "must not be empty")
     return collapsed
 
 

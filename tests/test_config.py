@@ -69,6 +69,12 @@ def test_folders_are_compared_by_path_parts_not_by_text(tmp_path: Path) -> None:
     assert refused(tmp_path, paths={**apart, "cache": "data"}).startswith("paths.cache: ")
 
 
+@pytest.mark.parametrize("key", ["sources", "feeds", "cache", "state"])
+def test_a_nul_in_a_path_is_refused(tmp_path: Path, key: str) -> None:
+    message = refused(tmp_path, paths={key: "fe\x00ds"})
+    assert message == f"paths.{key}: 'fe\\x00ds' holds a NUL character"
+
+
 def test_gc_with_the_cache_in_sources_deletes_nothing(tmp_path: Path) -> None:
     source = tmp_path / "sources" / "keep.md"
     source.parent.mkdir()
@@ -118,14 +124,19 @@ def test_an_impossible_date_in_the_file_is_a_config_error(tmp_path: Path) -> Non
     assert "Traceback" not in result.output
 
 
-# -- default category -------------------------------------------------------------------
+# -- site title and default category ----------------------------------------------------
 
 
+@pytest.mark.parametrize(("section", "key"), [("site", "title"), ("feeds", "default_category")])
 @pytest.mark.parametrize("value", ["", "   ", "\u3000", "Misc\n", "a\x00b", "a\x7fb",
                                    "a\x85b", "a\ufffeb"])
-def test_default_category_must_be_a_name(tmp_path: Path, value: str) -> None:
-    assert refused(tmp_path, feeds={"default_category": value}).startswith(
-        "feeds.default_category: ")
+def test_site_title_and_default_category_must_be_names(tmp_path: Path, section: str, key: str,
+                                                        value: str) -> None:
+    assert refused(tmp_path, **{section: {key: value}}).startswith(f"{section}.{key}: ")
+
+
+def test_site_title_spaces_are_collapsed(tmp_path: Path) -> None:
+    assert make_config(tmp_path, site={"title": " 财联社  电报 "}).site.title == "财联社 电报"
 
 
 def test_default_category_spaces_are_collapsed_like_a_sources(tmp_path: Path) -> None:
