@@ -232,8 +232,13 @@ class Daemon:
                 await asyncio.sleep(_LOCK_POLL_SECONDS)
 
     async def _scheduled_refresh(self) -> None:
-        with contextlib.suppress(FeederError):
-            await self.request_refresh()
+        """The scheduler's job: ask for a refresh, and return without waiting for it.
+
+        A job that waited would still run at the next tick if a refresh took longer
+        than the interval, and the scheduler would log a warning for each tick it
+        skipped; refreshes run one at a time anyway (see :meth:`trigger_refresh`).
+        """
+        self.trigger_refresh()
 
     async def watch_sources(self) -> None:
         """Refresh when source files under sources/ change (debounced).
@@ -431,8 +436,6 @@ async def _serve_and_refresh(config: Config) -> None:
                      config.site.base_url)
             await stop.wait()
             log.info("stopping")
-            # Stop the refresh first: a scheduled job waiting for it then ends on its
-            # own, instead of being cancelled (and logged as an error) by the scheduler.
             await daemon.stop()
             scheduler.shutdown(wait=False)
             if watch is not None:

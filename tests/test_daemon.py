@@ -234,12 +234,13 @@ def _spawn_daemon(config_file: Path, log_file: Path) -> subprocess.Popen[bytes]:
         )
 
 
-def _write_config(root: Path, port: int, image_url: str, *, watch: bool) -> Path:
+def _write_config(root: Path, port: int, image_url: str, *, watch: bool,
+                  interval: int) -> Path:
     raw = {
         "paths": {"sources": "sources", "feeds": "feeds", "cache": "cache", "state": "state"},
         "site": {"base_url": f"http://127.0.0.1:{port}", "title": "E2E feeds"},
         "server": {"host": "127.0.0.1", "port": port},
-        "schedule": {"interval": INTERVAL, "watch": watch},
+        "schedule": {"interval": interval, "watch": watch},
         "images": {"origins": {"https://img.cls.cn": image_url}, "attempts": 1,
                    "timeout": 10, "deadline": 30},
     }
@@ -340,7 +341,8 @@ async def start_daemon(tmp_path: Path) -> AsyncIterator[StartDaemon]:
     servers: list[ImageServer] = []
 
     async def start(*, watch: bool = False, seed: bool = True, ready: bool = True,
-                    prepare: Callable[[Path], None] | None = None) -> RunningDaemon:
+                    prepare: Callable[[Path], None] | None = None,
+                    interval: int = INTERVAL) -> RunningDaemon:
         server = ImageServer()
         for path, body in IMAGE_BODIES.items():
             server.route(path, image(body))
@@ -354,7 +356,8 @@ async def start_daemon(tmp_path: Path) -> AsyncIterator[StartDaemon]:
             prepare(tmp_path)
         for _attempt in range(3):  # another process may take the free port first
             port = _free_port()
-            config_file = _write_config(tmp_path, port, server.url, watch=watch)
+            config_file = _write_config(tmp_path, port, server.url, watch=watch,
+                                        interval=interval)
             log_file = tmp_path / f"daemon-{len(started)}.log"
             daemon = RunningDaemon(_spawn_daemon(config_file, log_file), tmp_path,
                                    config_file, port, server, log_file)
@@ -905,9 +908,10 @@ def write_slow_image_article(sources: Path) -> None:
                   body="<p><img src='https://img.cls.cn/images/slow.png'></p>")
 
 
-async def start_stuck_on_a_slow_image(start_daemon: StartDaemon) -> RunningDaemon:
+async def start_stuck_on_a_slow_image(start_daemon: StartDaemon,
+                                     interval: int = INTERVAL) -> RunningDaemon:
     """A daemon whose first, scheduled refresh waits on an image that never comes."""
-    daemon = await start_daemon(ready=False,
+    daemon = await start_daemon(ready=False, interval=interval,
                                 prepare=lambda root: write_slow_image_article(root / "sources"))
     daemon.images.route("/images/slow.png", hang())
     return daemon
@@ -927,6 +931,14 @@ async def test_sigterm_during_a_scheduled_refresh_logs_no_error(start_daemon: St
     assert await daemon.sigterm() == 0
     assert " ERROR " not in daemon.log()
     assert "Traceback" not in daemon.log()
+
+
+@pytest.mark.slow
+async def test_a_refresh_longer_than_the_interval_logs_no_warning(start_daemon: StartDaemon):
+    daemon = await start_stuck_on_a_slow_image(start_daemon, interval=1)
+    await asyncio.sleep(3.5)  # three ticks while the first refresh waits
+    assert await daemon.sigterm() == 0
+    assert " WARNING " not in daemon.log()  # such as "skipped: maximum number of ..."
 
 
 @pytest.mark.slow
