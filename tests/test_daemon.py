@@ -235,7 +235,7 @@ def _spawn_daemon(config_file: Path, log_file: Path) -> subprocess.Popen[bytes]:
 
 
 def _write_config(root: Path, port: int, image_url: str, *, watch: bool,
-                  interval: int) -> Path:
+                  interval: int = INTERVAL) -> Path:
     raw = {
         "paths": {"sources": "sources", "feeds": "feeds", "cache": "cache", "state": "state"},
         "site": {"base_url": f"http://127.0.0.1:{port}", "title": "E2E feeds"},
