@@ -17,6 +17,7 @@ import logging
 import mimetypes
 import os
 import stat
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from email.utils import formatdate
@@ -278,20 +279,31 @@ class CachedFile:
         elif (since := request.if_modified_since) is not None and self.mtime <= since.timestamp():
             return self._not_modified(current)
         if use_gzip:
-            return web.Response(body=self.gzipped, headers=self.gzip_headers)
-        return web.Response(body=self.body, headers=self.plain_headers)
+            return web.Response(body=self.gzipped, headers=self._dated(self.gzip_headers))
+        return web.Response(body=self.body, headers=self._dated(self.plain_headers))
 
     def _not_modified(self, etag: str) -> web.Response:
         headers = self.gzip_headers if etag == self.gzip_etag else self.plain_headers
         return web.Response(
             status=304,
-            headers={
+            headers=self._dated({
                 hdrs.ETAG: headers[hdrs.ETAG],
                 hdrs.LAST_MODIFIED: headers[hdrs.LAST_MODIFIED],
                 hdrs.CACHE_CONTROL: headers[hdrs.CACHE_CONTROL],
                 hdrs.VARY: hdrs.ACCEPT_ENCODING,
-            },
+            }),
         )
+
+    def _dated(self, headers: dict[str, str]) -> dict[str, str]:
+        """``headers``, less ``Last-Modified`` while the file is not a second old.
+
+        A change later in the same second has the same date (HTTP counts whole
+        seconds): a client holding it would be told 304 for the changed file. The
+        ETag still validates it.
+        """
+        if time.time() >= self.mtime + 1:
+            return headers
+        return {name: value for name, value in headers.items() if name != hdrs.LAST_MODIFIED}
 
 
 def read_cached_file(path: str, max_age: int) -> CachedFile:

@@ -304,6 +304,20 @@ async def test_if_modified_since(client: Client) -> None:
     assert (await client.get(url, headers={"If-Modified-Since": "garbage"})).status == 200
 
 
+async def test_no_last_modified_while_a_change_in_the_same_second_would_share_it(
+        client: Client, config: Config) -> None:
+    url, path = "/feeds/all/feed.json", config.paths.feeds / "all" / "feed.json"
+    write(path, JSON_FEED, datetime.now(UTC) + timedelta(seconds=1))  # just written
+    fresh = await client.get(url)
+    assert (fresh.status, "Last-Modified" in fresh.headers) == (200, False)
+    again = await client.get(url, headers={"If-None-Match": fresh.headers["ETag"]})
+    assert (again.status, "Last-Modified" in again.headers) == (304, False)
+    settled = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=10)
+    os.utime(path, (settled.timestamp(), settled.timestamp()))
+    assert (await client.get(url)).headers["Last-Modified"] == format_datetime(settled,
+                                                                               usegmt=True)
+
+
 async def test_if_none_match_wins_over_if_modified_since(client: Client) -> None:
     resp = await client.get(
         "/feeds/all/feed.json",
