@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -408,11 +409,20 @@ async def daemon(start_daemon: StartDaemon) -> RunningDaemon:
 # -- serving --------------------------------------------------------------------------------
 
 
+def age_feeds(daemon: RunningDaemon) -> None:
+    """Date the published feeds a minute back: a feed under a second old has no
+    Last-Modified, which a change in the same second would share."""
+    then = time.time() - 60
+    for path in (daemon.feeds / "all").iterdir():
+        os.utime(path, (then, then))
+
+
 async def test_feeds_index_and_images_are_served_with_their_types(daemon: RunningDaemon):
     health = await daemon.health()
     assert health["ok"] is True
     assert health["articles"] == 1
 
+    age_feeds(daemon)
     rss = await daemon.get("/feeds/all/rss.xml")
     assert rss.status == 200
     assert rss.content_type == "application/rss+xml"
@@ -460,6 +470,7 @@ async def test_feeds_index_and_images_are_served_with_their_types(daemon: Runnin
 
 
 async def test_repeated_conditional_get_is_answered_304(daemon: RunningDaemon):
+    age_feeds(daemon)
     identity = {"Accept-Encoding": "identity"}
     first = await daemon.get("/feeds/all/rss.xml", identity)
     assert first.status == 200
@@ -1054,6 +1065,7 @@ def _read_with_reader(db: Path, url: str) -> dict[str, Any]:
 async def test_a_real_feed_reader_subscribes_and_revalidates(daemon: RunningDaemon,
                                                              tmp_path: Path):
     url = f"{daemon.base_url}/feeds/all/rss.xml"
+    age_feeds(daemon)
     got = await asyncio.to_thread(_read_with_reader, tmp_path / "reader.sqlite", url)
 
     assert got["last_exception"] is None
