@@ -278,11 +278,15 @@ class Daemon:
                         log.info("sources changed: refreshing")
                         self.trigger_refresh()
             except Exception as e:  # the scheduled refreshes go on; the watch tries again
-                if str(e) != last_error:  # once, not every few seconds
-                    log.warning("cannot watch %s: %s", sources, e,
-                                exc_info=not isinstance(e, OSError))
-                    last_error = str(e)
+                cause = _first_leaf(e)
+                if str(cause) != last_error:  # once, not every few seconds
+                    log.warning("cannot watch %s: %s", sources, cause)
+                    last_error = str(cause)
                 await asyncio.sleep(_WATCH_RECHECK_SECONDS)
+                # Not a system limit but a change it could not report (a file name that
+                # is not UTF-8): a refresh publishes that batch, and what came meanwhile.
+                if not isinstance(cause, OSError):
+                    self.trigger_refresh()
 
     async def stop(self) -> None:
         """Abandon the running refresh (what it did is kept) and wait for it briefly.
@@ -300,6 +304,13 @@ class Daemon:
                 await asyncio.gather(self._running, return_exceptions=True)
         if self._next is not None and not self._next.done():
             self._next.set_exception(RefreshAbandoned("daemon stopped"))
+
+
+def _first_leaf(error: BaseException) -> BaseException:
+    """The first error an exception group holds (the watch's task group), or ``error``."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return error
 
 
 def _identity(folder: Path) -> tuple[int, int] | None:

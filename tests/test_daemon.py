@@ -677,6 +677,14 @@ async def wait_for_title(daemon: RunningDaemon, title: str, limit: float = 15) -
         titles = [entry.title for entry in feedparser.parse(rss.body).entries]
 
 
+async def test_watch_publishes_what_came_with_a_file_named_in_no_utf8(start_daemon: StartDaemon):
+    daemon = await start_daemon(watch=True)
+    (daemon.sources / os.fsdecode(b"bad\xff.md")).write_text("---\ntitle: x\n---\nx\n")
+    write_article(daemon.sources, "beside.md", "同时写入的文章")
+    await wait_for_title(daemon, "同时写入的文章")
+    assert "Traceback" not in daemon.log()
+
+
 async def test_watch_follows_a_sources_folder_that_is_replaced(start_daemon: StartDaemon):
     daemon = await start_daemon(watch=True)
     # A deploy that swaps the folder, or a share mounted again: another inode.
