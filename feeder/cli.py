@@ -17,12 +17,11 @@ from rich.progress import Progress as RichBar
 from feeder import __version__
 from feeder.config import Config, load_config
 from feeder.daemon import ask_daemon, run_daemon
-from feeder.exceptions import FeederError, SourceError, known_error
+from feeder.exceptions import FeederError, SourceError, known_error, printable_path
 from feeder.refresh import RefreshSummary, collect_garbage, lock, open_refresher
 from feeder.sources import (
     MISNAMED,
     SourceParser,
-    printable_path,
     read_source,
     scan_sources,
 )
@@ -223,9 +222,10 @@ def _print_status(store: Store) -> None:
     click.echo(f"{store.count_articles()} articles in {len(store.categories())} categories")
     failing, warned = [], []
     for path, error, warnings in store.source_problems():
+        shown = printable_path(path)
         if error:
-            failing.append(f"failing source {path}: {error}")
-        warned += [f"source {path}: warning: {warning}" for warning in warnings]
+            failing.append(f"failing source {shown}: {error}")
+        warned += [f"source {shown}: warning: {warning}" for warning in warnings]
     images = [f"failing image {image.url}: {image.error} ({image.failures} failures, "
               f"next attempt {image.next_attempt:%Y-%m-%d %H:%M:%S}Z)"
               for image in store.failing_images()]

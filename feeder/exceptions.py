@@ -5,12 +5,24 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import re
 import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from feeder.config import Config
+
+
+#: Control characters: escaped in a path shown.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def printable_path(path: str) -> str:
+    """A path as text that can be printed and stored: bytes that are not UTF-8, and
+    control characters (a newline would forge a line of output), as ``\\xNN``."""
+    text = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return _CONTROLS.sub(lambda char: f"\\x{ord(char[0]):02x}", text)
 
 
 class FeederError(Exception):
@@ -38,7 +50,8 @@ class SourceError(FeederError):
     """A source file is not an article we can publish."""
 
     def __init__(self, path: str, reason: str, line: int | None = None) -> None:
-        where = f"{path}:{line}" if line else path
+        shown = printable_path(path)
+        where = f"{shown}:{line}" if line else shown
         super().__init__(f"{where}: {reason}")
         #: The path relative to ``sources/``.
         self.path = path

@@ -25,7 +25,13 @@ from typing import Any, Protocol, TypeVar
 
 from feeder import __version__
 from feeder.config import Config
-from feeder.exceptions import FeederError, LockedError, RefreshAbandoned, SourceError
+from feeder.exceptions import (
+    FeederError,
+    LockedError,
+    RefreshAbandoned,
+    SourceError,
+    printable_path,
+)
 from feeder.feeds import (
     ARTICLES_FOLDER,
     CATEGORIES_FOLDER,
@@ -413,7 +419,7 @@ class Refresher:
             changes.categories |= set(article.categories)
             changes.pages.add(file.path)
             for warning in article.warnings:
-                log.warning("%s: warning: %s", file.path, warning)
+                log.warning("%s: warning: %s", printable_path(file.path), warning)
         self.store.put_source(file, digest, article, error, article.warnings if article else ())
 
     def _check_cache(self, changes: _Changes) -> None:

@@ -30,7 +30,7 @@ from markdown_it import MarkdownIt
 from markdown_it.common.html_blocks import block_names
 
 from feeder.config import Config, iri_to_uri
-from feeder.exceptions import FeederError, SourceError
+from feeder.exceptions import FeederError, SourceError, printable_path
 from feeder.images import ImageCollector, absolute_url, allowed_urls, show_lazy_images
 from feeder.types import Article, SourceStats
 
@@ -44,8 +44,6 @@ _SOURCE_ENDINGS = tuple(SOURCE_SUFFIXES)
 
 #: Characters XML 1.0 forbids (C0 controls but tab/LF/CR, surrogates, U+FFFE/U+FFFF).
 _XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
-#: Control characters: escaped in a path shown.
-_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
 #: What YAML refuses besides: DEL and the C1 controls but NEL.
 _YAML_REFUSED = re.compile("[\x7f-\x84\x86-\x9f]")
 #: Namespace of article guids: ``urn:uuid:`` from the source path, never the site URL.
@@ -162,13 +160,6 @@ def _is_utf8(path: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def printable_path(path: str) -> str:
-    """A path as text that can be printed and stored: bytes that are not UTF-8, and
-    control characters (a newline would forge a line of output), as ``\\xNN``."""
-    text = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return _CONTROLS.sub(lambda char: f"\\x{ord(char[0]):02x}", text)
 
 
 def read_source(path: Path, max_bytes: int, name: str) -> bytes:

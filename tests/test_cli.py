@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -186,13 +187,25 @@ def test_check_names_a_file_whose_name_is_not_utf8(config_file: Path, config: Co
     assert "failing source" not in run(config_file, "status").stdout
 
 
-def test_check_escapes_control_characters_in_a_name(config_file: Path, config: Config) -> None:
+def test_check_refresh_and_status_escape_control_characters_in_a_name(
+        config_file: Path, config: Config, caplog: pytest.LogCaptureFixture) -> None:
     write_source(config, "evil\nx.md: fake reason\ny\x1b[31m.md", b"no front matter\n")
+    write_source(config, "odd\n.md", b"---\ntitle: Odd\n---\nNo date.\n")
+    shown = "evil\\x0ax.md: fake reason\\x0ay\\x1b[31m.md"
     result = run(config_file, "check")
     assert result.exit_code == 1
     assert lines(result.stdout) == [
-        "evil\\x0ax.md: fake reason\\x0ay\\x1b[31m.md:1: no front matter (a file must start "
-        "with ---)"]
+        f"{shown}:1: no front matter (a file must start with ---)",
+        "odd\\x0a.md: warning: no date: using the file's modification time"]
+    with caplog.at_level(logging.WARNING):
+        assert run(config_file, "refresh").exit_code == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        "odd\\x0a.md: warning: no date: using the file's modification time",
+        f"{shown}:1: no front matter (a file must start with ---)"]
+    status = lines(run(config_file, "status").stdout)
+    assert f"failing source {shown}: line 1: no front matter (a file must start with ---)" in status
+    assert "source odd\\x0a.md: warning: no date: using the file's modification time" in status
+    assert not [line for line in status if line.startswith(("x.md", "y"))]
 
 
 def test_check_names_a_missing_sources_folder(config_file: Path, config: Config) -> None:
