@@ -44,6 +44,16 @@ _SOURCE_ENDINGS = tuple(SOURCE_SUFFIXES)
 
 #: Characters XML 1.0 forbids (C0 controls but tab/LF/CR, surrogates, U+FFFE/U+FFFF).
 _XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+class _ShortRepr(reprlib.Repr):
+    """:mod:`reprlib`'s, two levels and four items deep: a YAML alias bomb (a list of
+    seven lists of seven ...) is one short line in a warning, not hundreds of KB."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxlist, self.maxdict = 2, 4, 4
+
+
+_shown = _ShortRepr().repr
 #: What YAML refuses besides: DEL and the C1 controls but NEL.
 _YAML_REFUSED = re.compile("[\x7f-\x84\x86-\x9f]")
 #: Namespace of article guids: ``urn:uuid:`` from the source path, never the site URL.
@@ -393,7 +403,7 @@ class SourceParser:
         if value is None or value == "":
             return None
         parsed = parse_date(value, self._tz)
-        shown = reprlib.repr(value.isoformat() if isinstance(value, date) else value)
+        shown = _shown(value.isoformat() if isinstance(value, date) else value)
         if parsed is None:
             warnings.append(f"{key}: cannot read {shown} as a date")
         elif parsed.year < MIN_YEAR:  # RSS dates (RFC 822) have years of 4 digits
@@ -523,7 +533,7 @@ def _names(value: Any, what: str, warnings: list[str]) -> tuple[str, ...]:
         elif isinstance(item, tuple):  # an entry of a mapping (YAML makes no tuples)
             key, val = item
             name = _text(f"{_text(key) or ''}: {_text(val) or ''}".rstrip(": ")) or ""
-            warnings.append(f"{what} {reprlib.repr({key: val})} is a mapping: read as {name!r}")
+            warnings.append(f"{what} {_shown({key: val})} is a mapping: read as {name!r}")
             if name:
                 names.append(name)
         elif (name := _text(item)) is None:
@@ -549,7 +559,7 @@ def _warn_of_wrong_types(meta: dict[Any, Any], warnings: list[str]) -> None:
         value, url = meta.get(key), key in _IMAGE_KEYS
         if isinstance(value, list | dict) or (url and isinstance(value, int | float)):
             kind = "a URL" if url else "text"
-            warnings.append(f"{key}: {reprlib.repr(value)} is not {kind}: left out")
+            warnings.append(f"{key}: {_shown(value)} is not {kind}: left out")
 
 
 def _url(value: Any) -> str | None:
@@ -572,7 +582,7 @@ def _link(meta: dict[Any, Any], warnings: list[str]) -> str | None:
                     return iri_to_uri(url)
         elif isinstance(value, str) and value.startswith("/"):
             continue  # a site path, as Hexo's permalink: no site to resolve it against
-        warnings.append(f"{key}: {reprlib.repr(value)} is not an absolute http(s) URL: "
+        warnings.append(f"{key}: {_shown(value)} is not an absolute http(s) URL: "
                         "the item links to its page")
     return None
 

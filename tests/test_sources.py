@@ -290,6 +290,13 @@ def test_yaml_aliases_cannot_make_a_file_expensive(parser: SourceParser) -> None
     article = parse(parser, front("\n".join([mapping, lists, "title: t", "categories: *l"])))
     assert len(article.categories) == 99
     assert len(article.warnings) == 100  # 99 mappings read, and the cap
+    # Shown in a warning, a bomb is a short line (title, author, headimg, thumbnail, date).
+    sevens = ["s0: &s0 [x, x, x, x, x, x, x]"]
+    sevens += [f"s{n}: &s{n} [{', '.join([f'*s{n - 1}'] * 7)}]" for n in range(1, 7)]
+    keys = [f"{key}: *s6" for key in ("title", "author", "headimg", "thumbnail", "date")]
+    article = parse(parser, front("\n".join([*sevens, *keys])))
+    assert len(article.warnings) == 6  # the five, and no date
+    assert all(len(warning) < 200 for warning in article.warnings), article.warnings
 
 
 def test_categories_as_list(parser: SourceParser) -> None:
