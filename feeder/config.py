@@ -309,6 +309,8 @@ def _check_paths(paths: PathsConfig, root: Path) -> None:
 _URI_SAFE = "!#$%&'()*+,/:;=?@[]"
 #: ASCII characters a URI may not hold (RFC 3986).
 _NOT_IN_URI = re.compile(r'[\x00-\x20\x7f"<>\\^`{|}]')
+#: A URI's host (a name, an IPv4 or a bracketed IPv6 address) and optional port.
+_HOST_PORT = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]*)?")
 
 
 def iri_to_uri(url: str) -> str:
@@ -321,15 +323,16 @@ def iri_to_uri(url: str) -> str:
     if url.isascii() and not _NOT_IN_URI.search(url):
         return url
     parts = urlsplit(url)
-    netloc = parts.netloc
-    if not netloc.isascii():
-        userinfo, at, host_port = netloc.rpartition("@")
+    userinfo, at, host_port = parts.netloc.rpartition("@")
+    if not host_port.isascii():
         host, colon, port = host_port.partition(":")  # a non-ASCII host is no IPv6 address
         try:
-            host = host.encode("idna").decode("ascii")
+            host_port = host.encode("idna").decode("ascii") + colon + port
         except UnicodeError as e:
             raise ValueError(f"{host!r} is not a valid host name") from e
-        netloc = quote(f"{userinfo}{at}", safe=_URI_SAFE) + f"{host}{colon}{port}"
+    if not _HOST_PORT.fullmatch(host_port):  # a space, a quote: no encoding makes it a host
+        raise ValueError(f"{host_port!r} is not a valid host")
+    netloc = quote(f"{userinfo}{at}", safe=_URI_SAFE) + host_port
     rest = urlunsplit(("", "", parts.path, parts.query, parts.fragment))
     return f"{parts.scheme}://{netloc}{quote(rest, safe=_URI_SAFE)}"
 

@@ -415,7 +415,8 @@ def test_no_link_is_none(parser: SourceParser) -> None:
 
 @pytest.mark.parametrize("value", ["not a url", "detail/979489", "javascript:alert(1)",
                                    "[https://a.example/1, https://a.example/2]",
-                                   "https://a.example:99999/"])
+                                   "https://a.example:99999/", "'https://exa mple.com/'",
+                                   "'https://a.example\"/x'", "'https://例子 测试/x'"])
 def test_a_link_that_is_no_absolute_url_is_dropped_with_a_warning(
         parser: SourceParser, value: str) -> None:
     article = parse(parser, front(f"title: t\nlink: {value}\nurl: https://www.cls.cn/d/1"))
@@ -445,6 +446,8 @@ def test_a_link_is_made_a_valid_uri(parser: SourceParser) -> None:
     )
     article = parse(parser, front("title: t\nlink: 'https://a.example/x\"><s>{a|b}^`\\'"))
     assert article.link == "https://a.example/x%22%3E%3Cs%3E%7Ba%7Cb%7D%5E%60%5C"
+    article = parse(parser, front("title: t\nlink: 'https://us er:p\"w@a.example/x'"))
+    assert article.link == "https://us%20er:p%22w@a.example/x"
 
 
 def test_xml_forbidden_characters_are_removed(parser: SourceParser) -> None:
