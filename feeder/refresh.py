@@ -81,6 +81,8 @@ _FINGERPRINT = "fingerprint"
 _PARSE_SETTINGS = "parse_settings"
 #: Meta key of the cache folder's identity and mtime when the last refresh ended.
 _CACHE_STATE = "cache_state"
+#: Meta key of the device sources/ was on at the last refresh.
+_SOURCES_DEVICE = "sources_device"
 #: Meta key of the pages folder's identity and mtime when every page was last there.
 _PAGES_STATE = "pages_state"
 #: Longer than any file system's timestamp granularity (FAT's is 2 s).
@@ -327,6 +329,7 @@ class Refresher:
         self._start_running()
         root = self.config.paths.sources
         scan = _SourceScan.of(root, self.store)
+        self._check_still_mounted(root, scan)
         found, known, removed = scan.found, scan.known, scan.removed
         parse_settings = self._parse_fingerprint()
         reparse = self.store.get_meta(_PARSE_SETTINGS) != parse_settings
@@ -357,6 +360,22 @@ class Refresher:
                 self.store.set_meta(_PARSE_SETTINGS, parse_settings)
         self._check_abandoned()
         return len(found) + len(scan.misnamed), changes, self.store.images_to_fetch(now)
+
+    def _check_still_mounted(self, root: Path, scan: _SourceScan) -> None:
+        """Refuse a sources folder emptied by moving to another file system.
+
+        That is what unmounting a share does: its mount point is left, empty, and
+        every article would be unpublished. Emptied in place, it is taken as it is.
+        """
+        device = str(os.stat(root).st_dev)
+        last = self.store.get_meta(_SOURCES_DEVICE)
+        if scan.removed and not scan.found and not scan.misnamed and last not in (None, device):
+            raise FeederError(
+                f"{root}: no source files, and on another file system than at the last "
+                "refresh (an unmounted share?): nothing is unpublished; mount it again, "
+                "or put a file in it (paths.sources)")
+        if device != last:
+            self.store.set_meta(_SOURCES_DEVICE, device)
 
     def _remove_sources(self, removed: Collection[str], changes: _Changes) -> None:
         """Forget deleted sources; their feeds are rebuilt, their pages deleted."""
@@ -753,9 +772,11 @@ def collect_garbage(config: Config, store: Store) -> tuple[int, int, int]:
             others' images would go; or no article references an image at all (an
             unmounted share?), and every image would go.
     """
-    if store.get_meta(_RUNNING) is not None or not store.last_refreshes(1):
-        raise FeederError("the last refresh did not finish: run `feeder refresh` first, "
-                          "or the images of articles it did not reach would be deleted")
+    unfinished = store.get_meta(_RUNNING) is not None
+    if unfinished or not store.last_refreshes(1):
+        what = "the last refresh did not finish" if unfinished else "no refresh has run yet"
+        raise FeederError(f"{what}: run `feeder refresh` first, or the images of articles "
+                          "it did not reach would be deleted")
     scan = _SourceScan.of(config.paths.sources, store)
     # A file no refresh could read looks changed to every scan (it is tried again each
     # refresh), and has no images to lose.

@@ -480,7 +480,7 @@ def test_gc_before_a_refresh_finished_deletes_nothing(config_file: Path,
     (cache / "a.png").write_bytes(PNG)
     result = run(config_file, "gc")
     assert result.exit_code == 1
-    assert "the last refresh did not finish: run `feeder refresh` first" in result.output
+    assert "no refresh has run yet: run `feeder refresh` first" in result.output
     assert (cache / "a.png").exists()
 
 

@@ -12,8 +12,10 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import unquote
@@ -563,6 +565,38 @@ async def test_a_swapped_sources_link_is_followed(tmp_path: Path) -> None:
         (tmp_path / "next").replace(tmp_path / "sources")  # as `ln -sfn` swaps it
         await refresher.refresh()
     assert titles(config, "all") == ["Two"]
+
+
+@pytest.fixture
+def other_device_folder(tmp_path: Path) -> Iterator[Path]:
+    """A folder on another file system than ``tmp_path``, as a share's would be."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on another file system than the temp folder")
+    folder = Path(tempfile.mkdtemp(dir=shm))
+    yield folder
+    shutil.rmtree(folder)
+
+
+async def test_an_unmounted_share_unpublishes_nothing(tmp_path: Path,
+                                                      other_device_folder: Path) -> None:
+    (other_device_folder / "a.md").write_text(dated("On the share", 1), encoding="utf-8")
+    (tmp_path / "mount-point").mkdir()  # what an unmounted share leaves: an empty folder
+    (tmp_path / "sources").symlink_to(other_device_folder)  # "mounted"
+    config = make_config(tmp_path)
+    await refresh(config)
+    before = snapshot(config.paths.feeds)
+    (tmp_path / "sources").unlink()
+    (tmp_path / "sources").symlink_to("mount-point")  # "unmounted"
+    with pytest.raises(FeederError, match="an unmounted share"):
+        await refresh(config)
+    assert snapshot(config.paths.feeds) == before
+    (tmp_path / "mount-point" / "b.md").write_text(dated("Local", 2), encoding="utf-8")
+    await refresh(config)  # not empty: taken as it is
+    assert titles(config, "all") == ["Local"]
+    (tmp_path / "mount-point" / "b.md").unlink()
+    await refresh(config)  # emptied in place
+    assert titles(config, "all") == []
 
 
 async def test_a_file_deleted_during_a_refresh_is_taken_as_deleted(

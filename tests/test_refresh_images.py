@@ -20,7 +20,7 @@ from feeder.cli import cli
 from feeder.config import Config, config_from_dict
 from feeder.exceptions import RefreshAbandoned
 from feeder.images import BUFFER_BYTES
-from feeder.refresh import open_refresher
+from feeder.refresh import Refresher, open_refresher
 from tests.imageserver import PNG, ImageServer, hang, image, status
 
 SEED = Path(__file__).parents[1] / "sources" / "cls-seed.md"  # the shipped sample
@@ -350,6 +350,33 @@ async def test_gc_removes_images_no_article_references(tmp_path, server):
     assert result.output.startswith("4 cached images removed")
     [kept] = config.paths.cache.iterdir()
     assert kept.read_bytes() == PNG + b"onulZV1B5w.png"
+
+
+class AbandonWhenWriting:
+    """Progress that abandons the refresh as it starts writing, as SIGTERM would."""
+
+    def __init__(self, refresher: Refresher) -> None:
+        self.refresher = refresher
+
+    def start(self, stage: str, total: int) -> None:
+        if stage == "write":
+            self.refresher.abandon()
+
+    def advance(self, stage: str, amount: int = 1) -> None:
+        pass
+
+
+async def test_gc_after_an_unfinished_refresh_deletes_nothing(tmp_path, server):
+    config = load(write_config(tmp_path, server.url))
+    seed(config)
+    await refresh(config)
+    (config.paths.sources / "cls-seed.md").unlink()
+    with open_refresher(config) as refresher, pytest.raises(RefreshAbandoned):
+        await refresher.refresh(AbandonWhenWriting(refresher))
+    result = CliRunner().invoke(cli, ["-c", str(tmp_path / "config.yaml"), "gc"])
+    assert result.exit_code == 1
+    assert "the last refresh did not finish: run `feeder refresh` first" in result.output
+    assert len(list(config.paths.cache.iterdir())) == 4
 
 
 # -- the cache and the state database disagree ------------------------------------------
