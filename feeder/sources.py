@@ -83,6 +83,12 @@ _ENDS_WITH_TIME = re.compile(r"\s\d\d?:\d\d(?::\d\d)?$")
 #: Bodies nested deeper are refused: nh3's time grows with the square of the depth
 #: (100,000 nested <div>s: minutes), and articles nest a few dozen deep.
 MAX_DEPTH = 1000
+#: Markdown of more lines is refused: markdown-it's time and memory grow with its
+#: blocks (a table of 170,000 rows: 8 s and 650 MB); articles have a few hundred.
+MAX_MARKDOWN_LINES = 20_000
+#: Bodies holding more ``&`` are refused: nh3's time grows with the square of the
+#: character references in one text (a million: minutes); articles hold dozens.
+MAX_AMPERSANDS = 100_000
 _TAG = re.compile(r"<(/?)([a-zA-Z][a-zA-Z0-9]*)")
 #: Void elements, and those a parser closes without their end tag.
 _NOT_NESTING = frozenset({
@@ -354,9 +360,13 @@ class SourceParser:
         else:
             html = html_blocks_as_rendered(body)
             if html is None:
+                if body.count("\n") >= MAX_MARKDOWN_LINES:
+                    raise SourceError(path, f"Markdown of over {MAX_MARKDOWN_LINES:,} lines")
                 html = self._markdown.render(body)
         if nested_deeper_than(html, MAX_DEPTH):
             raise SourceError(path, f"HTML nested deeper than {MAX_DEPTH} elements")
+        if html.count("&") > MAX_AMPERSANDS:
+            raise SourceError(path, f"over {MAX_AMPERSANDS:,} '&' (character references)")
         # YAML escapes and HTML character references can produce them again.
         content = show_lazy_images(strip_xml_forbidden(self._cleaner.clean(html)))
         # Images elsewhere are left as they are: not fetched, not tracked.

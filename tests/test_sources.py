@@ -22,7 +22,9 @@ from feeder.exceptions import FeederError, SourceError
 from feeder.feeds import FeedInfo, build_feed
 from feeder.images import is_allowed
 from feeder.sources import (
+    MAX_AMPERSANDS,
     MAX_DEPTH,
+    MAX_MARKDOWN_LINES,
     SUMMARY_CHARS,
     SourceParser,
     html_blocks_as_rendered,
@@ -566,6 +568,23 @@ def test_html_nested_past_the_limit_is_refused(parser: SourceParser) -> None:
     assert error.reason == f"HTML nested deeper than {MAX_DEPTH} elements"
     limit = "<blockquote>" * MAX_DEPTH + "x" + "<p>y" * 5000 + "<br>" * 5000
     assert "x" in parse(parser, front("title: t", limit), "limit.html").content
+
+
+def test_markdown_past_the_line_limit_is_refused(parser: SourceParser) -> None:
+    table = "|a|b|\n|-|-|\n" + "|x|y|\n" * MAX_MARKDOWN_LINES  # seconds, and GBs
+    error = refuse(parser, front("title: t", table), "table.md")
+    assert error.reason == f"Markdown of over {MAX_MARKDOWN_LINES:,} lines"
+    limit = "x  \n" * (MAX_MARKDOWN_LINES - 10)
+    assert parse(parser, front("title: t", limit), "limit.md").content.count("<br>") > 19_000
+    as_html = "<p>x</p>\n\n" * MAX_MARKDOWN_LINES  # HTML in a .md file is not rendered
+    assert parse(parser, front("title: t", as_html), "html.md").content.count("<p>") > 19_000
+
+
+def test_a_body_past_the_ampersand_limit_is_refused(parser: SourceParser) -> None:
+    error = refuse(parser, front("title: t", "<p>" + "&" * (MAX_AMPERSANDS + 1)), "amp.html")
+    assert error.reason == f"over {MAX_AMPERSANDS:,} '&' (character references)"
+    limit = "<p>" + "&amp;" * MAX_AMPERSANDS
+    assert parse(parser, front("title: t", limit), "limit.html").content.count("&") > 99_000
 
 
 def test_whitespace_only_file(parser: SourceParser) -> None:
