@@ -211,9 +211,9 @@ class Daemon:
     def _log_failure(self, error: Exception) -> str:
         """Log a failed refresh; why it failed, in one line.
 
-        feeder's own errors (no sources folder) and a file the user controls (feeds/
-        is a file, no permission) are one line naming it; anything else is a bug,
-        logged with its traceback.
+        What a user can act on (see :func:`known_error`: no sources folder, feeds/ is a
+        file, a damaged state database) is one line naming it; anything else is a
+        bug, logged with its traceback.
         """
         known = known_error(error, self.config)
         if known is None:

@@ -44,16 +44,6 @@ _SOURCE_ENDINGS = tuple(SOURCE_SUFFIXES)
 
 #: Characters XML 1.0 forbids (C0 controls but tab/LF/CR, surrogates, U+FFFE/U+FFFF).
 _XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
-class _ShortRepr(reprlib.Repr):
-    """:mod:`reprlib`'s, two levels and four items deep: a YAML alias bomb (a list of
-    seven lists of seven ...) is one short line in a warning, not hundreds of KB."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.maxlevel, self.maxlist, self.maxdict = 2, 4, 4
-
-
-_shown = _ShortRepr().repr
 #: What YAML refuses besides: DEL and the C1 controls but NEL.
 _YAML_REFUSED = re.compile("[\x7f-\x84\x86-\x9f]")
 #: Namespace of article guids: ``urn:uuid:`` from the source path, never the site URL.
@@ -561,6 +551,18 @@ def _text(value: Any) -> str | None:
         value = value.decode("utf-8", "replace")
     text = " ".join(strip_xml_forbidden(str(value)).split())
     return text or None
+
+
+class _ShortRepr(reprlib.Repr):
+    """:mod:`reprlib`'s, two levels and four items deep: a YAML alias bomb (a list of
+    seven lists of seven ...) is one short line in a warning, not hundreds of KB."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxlist, self.maxdict = 2, 4, 4
+
+
+_shown = _ShortRepr().repr
 
 
 def _warn_of_wrong_types(meta: dict[Any, Any], warnings: list[str]) -> None:
