@@ -85,8 +85,6 @@ _CACHE_STATE = "cache_state"
 _SOURCES_DEVICE = "sources_device"
 #: Meta key of the pages folder's identity and mtime when every page was last there.
 _PAGES_STATE = "pages_state"
-#: Longer than any file system's timestamp granularity (FAT's is 2 s).
-_CLOCK_TICK_NS = 3 * 10**9
 #: Meta key prefix (then a feed's folder) of the paths its last build showed, newest first.
 _SHOWN = "shown:"
 #: Meta key of each category's slug when feeds were last written.
@@ -544,10 +542,11 @@ class Refresher:
         stored_slugs = self.store.get_meta(_SLUGS)
         old_slugs = json.loads(stored_slugs) if stored_slugs else {}
         pages_seen = _folder_state(self.output.path(ARTICLES_FOLDER))
+        pages_known = self.store.get_meta(_PAGES_STATE)
         if everything:
             changes.pages |= set(self.store.article_paths())
         else:
-            if pages_seen != self.store.get_meta(_PAGES_STATE):  # touched since last time
+            if pages_seen != pages_known:  # touched since the last look
                 changes.pages |= self._paths_without_page()
             # A new category can take another's slug: its pages must link the new one.
             moved = [c for c, slug in slugs.items() if old_slugs.get(c, slug) != slug]
@@ -594,7 +593,8 @@ class Refresher:
                 self.store.set_meta(_SLUGS, json.dumps(slugs, ensure_ascii=False))
                 for folder, paths in shown.items():
                     self.store.set_meta(_SHOWN + folder, json.dumps(paths, ensure_ascii=False))
-        self._note_pages_state(pages_seen, wrote=bool(changes.pages or changes.removed_pages))
+        wrote_pages = bool(changes.pages or changes.removed_pages)
+        self._note_pages_state(pages_seen, pages_known, wrote_pages)
         return written
 
     def _paths_without_page(self) -> set[str]:
@@ -603,18 +603,19 @@ class Refresher:
         return {path for path in self.store.article_paths()
                 if article_page_path(article_id(path)) not in present}
 
-    def _note_pages_state(self, seen: str, wrote: bool) -> None:
+    def _note_pages_state(self, seen: str, known: str | None, wrote: bool) -> None:
         """Remember the pages folder's state as seen before this build, if it can be trusted.
 
         A folder's mtime moves when a page is added or removed, so one stat tells the
         next refresh whether to look for missing pages. Not after this build wrote
-        pages (the next refresh lists the folder once), nor if the mtime is so recent
-        that a deletion within the file system's clock tick would leave it unchanged.
+        pages: the next refresh lists the folder once. By then the folder's mtime is
+        that of the last write, older than any deletion to come by more than a tick
+        of the file system's clock (Linux's: a few ms; FAT's: 2 s).
         """
-        if not wrote and _settled(seen):
-            self.store.set_meta(_PAGES_STATE, seen)
-        else:
+        if wrote and known is not None:
             self.store.delete_meta(_PAGES_STATE)
+        elif not wrote and seen != known:
+            self.store.set_meta(_PAGES_STATE, seen)
 
     def _remove_stray_pages(self) -> int:
         """Delete the pages of no stored article: a state database rebuilt after their
@@ -688,12 +689,6 @@ def _folder_state(folder: Path) -> str:
     except FileNotFoundError:
         return ""
     return f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}"
-
-
-def _settled(state: str) -> bool:
-    """Is a :func:`_folder_state` old enough that any change since will show in it?"""
-    mtime_ns = int(state.rpartition(":")[2] or 0)
-    return time.time_ns() - mtime_ns > _CLOCK_TICK_NS
 
 
 def _digest(inputs: list[object]) -> str:
