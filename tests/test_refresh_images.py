@@ -7,7 +7,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from feeder.cli import cli
 from feeder.config import Config, config_from_dict
 from feeder.exceptions import RefreshAbandoned
 from feeder.images import BUFFER_BYTES
-from feeder.refresh import Refresher, open_refresher
+from feeder.refresh import open_refresher
 from tests.imageserver import PNG, ImageServer, hang, image, status
 
 SEED = Path(__file__).parents[1] / "sources" / "cls-seed.md"  # the shipped sample
@@ -352,15 +352,15 @@ async def test_gc_removes_images_no_article_references(tmp_path, server):
     assert kept.read_bytes() == PNG + b"onulZV1B5w.png"
 
 
-class AbandonWhenWriting:
-    """Progress that abandons the refresh as it starts writing, as SIGTERM would."""
+class WhenWriting:
+    """Progress that does ``action`` as the refresh starts writing feeds."""
 
-    def __init__(self, refresher: Refresher) -> None:
-        self.refresher = refresher
+    def __init__(self, action: Callable[[], object]) -> None:
+        self.action = action
 
     def start(self, stage: str, total: int) -> None:
         if stage == "write":
-            self.refresher.abandon()
+            self.action()
 
     def advance(self, stage: str, amount: int = 1) -> None:
         pass
@@ -372,7 +372,7 @@ async def test_gc_after_an_unfinished_refresh_deletes_nothing(tmp_path, server):
     await refresh(config)
     (config.paths.sources / "cls-seed.md").unlink()
     with open_refresher(config) as refresher, pytest.raises(RefreshAbandoned):
-        await refresher.refresh(AbandonWhenWriting(refresher))
+        await refresher.refresh(WhenWriting(refresher.abandon))  # as SIGTERM would
     result = CliRunner().invoke(cli, ["-c", str(tmp_path / "config.yaml"), "gc"])
     assert result.exit_code == 1
     assert "the last refresh did not finish: run `feeder refresh` first" in result.output
@@ -432,20 +432,6 @@ async def test_an_emptied_cache_with_the_origin_down_publishes_original_urls(tmp
     assert not entry.get("enclosures")
 
 
-class DeleteWhenWriting:
-    """Progress that deletes a file as the refresh starts writing feeds."""
-
-    def __init__(self, victim: Path) -> None:
-        self.victim = victim
-
-    def start(self, stage: str, total: int) -> None:
-        if stage == "write":
-            self.victim.unlink()
-
-    def advance(self, stage: str, amount: int = 1) -> None:
-        pass
-
-
 async def test_a_cached_image_deleted_during_a_refresh_is_noticed_by_the_next(tmp_path,
                                                                             server):
     config = load(write_config(tmp_path, server.url))
@@ -454,7 +440,7 @@ async def test_a_cached_image_deleted_during_a_refresh_is_noticed_by_the_next(tm
     await refresh(config)
     victim = _cached_file(config, "c8Agbj08W6.png")
     with open_refresher(config) as refresher:
-        await refresher.refresh(DeleteWhenWriting(victim))
+        await refresher.refresh(WhenWriting(victim.unlink))
     summary = await refresh(config)
     assert summary.images_fetched == 1
     assert victim.read_bytes() == PNG + b"c8Agbj08W6.png"
