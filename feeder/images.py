@@ -60,7 +60,8 @@ SNIFF_BYTES: Final = 16
 #: Bytes read from the network at a time.
 CHUNK_BYTES: Final = 16 * 1024
 #: An image up to this size is held in memory and written in one go; a larger one is
-#: streamed to disk. 64 downloads at once hold at most 16 MB.
+#: streamed to disk. 64 downloads at once, and 64 more waiting for the disk, hold at
+#: most 32 MB.
 BUFFER_BYTES: Final = 256 * 1024
 #: Downloads started per turn of the event loop: 40,000 at once would hold it for 0.3 s.
 _TASK_BATCH: Final = 256
@@ -100,6 +101,15 @@ class FailedImage:
 
 #: What :func:`fetch_images` gives for each URL that finished.
 ImageResult = CachedImage | FailedImage
+
+
+@dataclass(frozen=True)
+class _Downloaded:
+    """An image checked and downloaded, streamed to the cache already or still to write."""
+
+    image: CachedImage
+    #: The body, when it is held in memory; empty once the file is in the cache.
+    chunks: tuple[bytes, ...] = ()
 
 
 # -- HTML ---------------------------------------------------------------------------------
@@ -508,6 +518,8 @@ class _Limits:
     per_host: dict[str, asyncio.Semaphore]
     #: Size of each per-host semaphore.
     per_host_size: int
+    #: Downloaded images waiting for (or being) written: it bounds the memory they hold.
+    writing: asyncio.Semaphore
 
     def host(self, host: str) -> asyncio.Semaphore:
         if host not in self.per_host:
@@ -555,7 +567,8 @@ async def fetch_images(
     for image in found:
         report(image)
     if wanted:
-        limits = _Limits(asyncio.Semaphore(config.concurrency), {}, config.per_host)
+        limits = _Limits(asyncio.Semaphore(config.concurrency), {}, config.per_host,
+                         asyncio.Semaphore(config.concurrency))
         resolver = _PublicOnlyResolver(_mirror_hosts(config))
         try:
             async with _open_session(config, resolver) as session:
@@ -637,8 +650,7 @@ async def _fetch_image(
     host = urlsplit(target).netloc.lower()
     for attempt in range(config.attempts):
         try:
-            async with limits.host(host), limits.overall:
-                return await _attempt(session, url, target, config, cache_dir)
+            return await _fetch_once(session, limits, host, url, target, config, cache_dir)
         except ImageError as e:
             failure = FailedImage(url, e.reason, e.permanent, e.retry_after)
         failed_attempts[url] = failure
@@ -652,10 +664,33 @@ async def _fetch_image(
     raise AssertionError("config.attempts must be at least 1")
 
 
+async def _fetch_once(
+    session: aiohttp.ClientSession, limits: _Limits, host: str, url: str, target: str,
+    config: ImagesConfig, cache_dir: Path,
+) -> CachedImage:
+    """One attempt at ``url``; an image held in memory is written once its connection is free.
+
+    A connection kept waiting for the disk would fetch nothing meanwhile: on a busy
+    machine, writing each image before the next download halves the rate.
+    """
+    async with limits.host(host), limits.overall:
+        downloaded = await _attempt(session, url, target, config, cache_dir)
+        await limits.writing.acquire()  # a slow disk slows the downloads, not the memory
+    try:
+        if downloaded.chunks:
+            await asyncio.to_thread(write_atomically, cache_dir / downloaded.image.name,
+                                    downloaded.chunks)
+    except OSError as e:
+        raise _write_error(url, e) from e
+    finally:
+        limits.writing.release()
+    return downloaded.image
+
+
 async def _attempt(
     session: aiohttp.ClientSession, url: str, target: str, config: ImagesConfig,
     cache_dir: Path,
-) -> CachedImage:
+) -> _Downloaded:
     """One attempt at ``url`` (requested as ``target``, its mirror URL), redirects included.
 
     Every failure is raised as an :class:`ImageError`.
@@ -686,13 +721,13 @@ async def _attempt(
     except aiohttp.ClientError as e:
         raise ImageError(url, f"{type(e).__name__}: {e}".rstrip(": ")) from e
     except OSError as e:  # after the aiohttp errors, many of which are OSErrors
-        raise ImageError(url, f"cannot write to the cache: {e.strerror or e}") from e
+        raise _write_error(url, e) from e
 
 
 async def _download(
     session: aiohttp.ClientSession, url: str, target: str, config: ImagesConfig,
     cache_dir: Path,
-) -> CachedImage:
+) -> _Downloaded:
     """Request ``target``, following redirects by hand, and stream it to the cache."""
     for _hop in range(MAX_REDIRECTS + 1):
         host = _host(target) or ""
@@ -747,12 +782,12 @@ def _status_error(url: str, response: aiohttp.ClientResponse) -> ImageError:
 
 async def _save(
     url: str, response: aiohttp.ClientResponse, max_bytes: int, cache_dir: Path
-) -> CachedImage:
-    """Check the body's magic bytes and size as it streams in; cache it under its name.
+) -> _Downloaded:
+    """Check the body's magic bytes and size as it streams in.
 
-    A body up to ``BUFFER_BYTES`` (most images) is held in memory and written in one
-    go off the event loop; a larger one is streamed to a ``.part`` file. Either way
-    the file appears under its final name only once complete.
+    A body up to ``BUFFER_BYTES`` (most images) is held in memory, for the caller
+    to write in one go; a larger one is streamed to a ``.part`` file, renamed once
+    complete.
     """
     if response.content_length is not None and response.content_length > max_bytes:
         raise _too_large(url, max_bytes)
@@ -776,10 +811,8 @@ async def _save(
         chunks.append(chunk)
         if size > BUFFER_BYTES:
             size = await _stream_to_cache(url, body, chunks, size, max_bytes, cache_dir / name)
-            break
-    else:
-        await asyncio.to_thread(write_atomically, cache_dir / name, chunks)
-    return CachedImage(url=url, name=name, size=size, mime=mime)
+            return _Downloaded(CachedImage(url=url, name=name, size=size, mime=mime))
+    return _Downloaded(CachedImage(url=url, name=name, size=size, mime=mime), tuple(chunks))
 
 
 async def _stream_to_cache(url: str, body: AsyncIterator[bytes], chunks: list[bytes],
@@ -801,6 +834,10 @@ async def _stream_to_cache(url: str, body: AsyncIterator[bytes], chunks: list[by
         part.unlink(missing_ok=True)
         raise
     return size
+
+
+def _write_error(url: str, error: OSError) -> ImageError:
+    return ImageError(url, f"cannot write to the cache: {error.strerror or error}")
 
 
 def _too_large(url: str, max_bytes: int) -> ImageError:

@@ -209,6 +209,19 @@ async def test_chunked_body_within_max_bytes_is_cached(server, cache, size):
     assert files(cache) == [result.name]
 
 
+@pytest.mark.parametrize("size", [200_000, 3 * BUFFER_BYTES], ids=["in-memory", "streamed"])
+async def test_an_image_the_cache_cannot_take_fails_naming_why(server, cache, size):
+    url = f"{ORIGIN}/images/a.png"
+    server.route("/images/a.png", image(png_of_size(size)))
+    # A folder where the image's file belongs: the rename fails, even as root.
+    (cache / cache_name(url, ".png") / "x").mkdir(parents=True)
+    [result, after] = await fetch_images([url, f"{ORIGIN}/images/b.png"],
+                                         config_for(server, attempts=1), cache)
+    assert result == FailedImage(url, "cannot write to the cache: Is a directory", False, None)
+    assert files(cache) == [cache_name(url, ".png")]  # no temp file left
+    assert isinstance(after, FailedImage)  # 404: the next download goes on
+
+
 async def test_html_page_with_status_200_is_not_an_image(server, cache):
     server.route("/images/a.png", image(HTML_PAGE, "text/html"))
     result = await fetch_one(f"{ORIGIN}/images/a.png", config_for(server), cache)
