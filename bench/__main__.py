@@ -117,7 +117,7 @@ async def bench_refresh(work: Path, n: int, runs: int) -> dict[str, Any]:
         if results[-1]["articles"] != n:
             raise RuntimeError(f"refresh published {results[-1]['articles']} of {n} articles")
     keys = ("floor_parse", "floor_create", "cold", "floor_stat", "noop", "one_change",
-            "cold_rss_mb", "rss_before_mb")
+            "cold_rss_mb", "cold_workers_rss_mb", "rss_before_mb")
     summary = {k: median([r[k] for r in results]) for k in keys}
     summary["one_change_ratio"] = median([r["one_change"] / r["cold"] for r in results])
     summary["cold_ratio"] = median([r["cold"] / r["floor_parse"] for r in results])
@@ -127,6 +127,7 @@ async def bench_refresh(work: Path, n: int, runs: int) -> dict[str, Any]:
 
 def refresh_rows(result: dict[str, Any]) -> list[Row]:
     m, n = result["median"], result["n"]
+    rss = m["cold_rss_mb"] + m["cold_workers_rss_mb"]  # a bound: their peaks may not meet
     return [
         Row(f"cold refresh (N={n})", f"{m['cold']:.2f} s",
             f"parse floor {m['floor_parse']:.3f} s (creating {n} pages alone: "
@@ -138,9 +139,10 @@ def refresh_rows(result: dict[str, Any]) -> list[Row]:
         Row(f"one-change refresh (N={n})", f"{m['one_change'] * 1000:.0f} ms",
             f"cold {m['cold']:.2f} s", f"{m['one_change_ratio'] * 100:.1f}%", "≤ 5%",
             m["one_change_ratio"] <= 0.05),
-        Row(f"peak RSS, cold refresh (N={n})", f"{m['cold_rss_mb']:.0f} MB",
-            f"interpreter+imports {m['rss_before_mb']:.0f} MB", "—", "≤ 200 MB",
-            m["cold_rss_mb"] <= 200),
+        Row(f"peak RSS, cold refresh (N={n})", f"{rss:.0f} MB",
+            f"interpreter+imports {m['rss_before_mb']:.0f} MB; the refresh "
+            f"{m['cold_rss_mb']:.0f} MB, its workers {m['cold_workers_rss_mb']:.0f} MB", "—",
+            "≤ 200 MB", rss <= 200),
     ]
 
 

@@ -7,10 +7,12 @@ is its own, so memory figures are not blurred by the runner or by other figures.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,55 @@ def peak_rss_mb() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _status_kb(pid: int, key: str) -> int:
+    """A ``kB`` figure of ``/proc/PID/status``; 0 once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started, and the ones they started, and so on."""
+    found, stack = [], [pid]
+    while stack:
+        parent = stack.pop()
+        with contextlib.suppress(FileNotFoundError):
+            for task in os.listdir(f"/proc/{parent}/task"):
+                with open(f"/proc/{parent}/task/{task}/children", encoding="ascii") as f:
+                    children = [int(child) for child in f.read().split()]
+                found += children
+                stack += children
+    return found
+
+
+class DescendantsRss:
+    """Peak of the summed RSS of this process's descendants (the parsing workers and
+    the fork server that starts them), sampled every 10 ms while in a ``with``."""
+
+    def __init__(self) -> None:
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            total = sum(_status_kb(pid, "VmRSS:") for pid in _descendants(os.getpid()))
+            self.peak_mb = max(self.peak_mb, total / 1024)
+
+    def __enter__(self) -> DescendantsRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def walk(root: str) -> list[os.DirEntry[str]]:
@@ -120,10 +171,12 @@ async def refresh_suite(args: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"rss_before_mb": peak_rss_mb()}
     out["floor_parse"] = floor_parse(sources)
     with open_refresher(config) as refresher:
-        started = time.perf_counter()
-        cold = await refresher.refresh()
-        out["cold"] = time.perf_counter() - started
+        with DescendantsRss() as workers:
+            started = time.perf_counter()
+            cold = await refresher.refresh()
+            out["cold"] = time.perf_counter() - started
         out["cold_rss_mb"] = peak_rss_mb()
+        out["cold_workers_rss_mb"] = workers.peak_mb
         out["articles"] = cold.articles
         out["failed"] = cold.failed
         pages = [e.stat().st_size for e in walk(str(config.paths.feeds / "articles"))]
@@ -178,9 +231,9 @@ async def images(args: dict[str, Any]) -> dict[str, Any]:
 async def bare_images(args: dict[str, Any]) -> dict[str, Any]:
     """The same requests with a plain aiohttp session, bodies read and dropped: no disk.
 
-    With ``write``, each body is written to a new file in a thread instead, with
-    feeder's own atomic write (temp file, then rename) and none of its checks:
-    what creating the files costs this machine.
+    With ``write``, each body is written to a new file in a thread instead, once its
+    connection is free, with feeder's own atomic write (temp file, then rename) and
+    none of its checks: what creating the files costs this machine.
     """
     import aiohttp
 
@@ -199,9 +252,9 @@ async def bare_images(args: dict[str, Any]) -> dict[str, Any]:
         async def one(i: int) -> int:
             async with sem, session.get(f"{args['mirror']}/images/b/{i:06d}.png") as r:
                 body = await r.read()
-                if args.get("write"):
-                    await asyncio.to_thread(write_atomically, folder / f"{i:06d}.png", (body,))
-                return len(body)
+            if args.get("write"):  # its connection free, as feeder does
+                await asyncio.to_thread(write_atomically, folder / f"{i:06d}.png", (body,))
+            return len(body)
 
         started = time.perf_counter()
         sizes = await asyncio.gather(*(one(i) for i in range(args["count"])))

@@ -60,6 +60,15 @@ class SourceError(FeederError):
         #: The 1-based line of the problem, when known.
         self.line = line
 
+    @property
+    def located_reason(self) -> str:
+        """The reason with its line when known (``line 3: ...``), as the store keeps it."""
+        return self.reason if self.line is None else f"line {self.line}: {self.reason}"
+
+    def __reduce__(self) -> tuple[type[SourceError], tuple[str, str, int | None]]:
+        # From a parsing worker process: pickled by its arguments, not by its message.
+        return type(self), (self.path, self.reason, self.line)
+
 
 class ImageError(FeederError):
     """An image could not be fetched or cached."""

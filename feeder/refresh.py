@@ -11,12 +11,16 @@ import asyncio
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
+import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
@@ -59,18 +63,26 @@ from feeder.sources import (
     MISNAMED,
     PARSER_VERSION,
     SourceParser,
+    SourceRead,
     article_id,
-    content_hash,
-    read_source,
+    ignore_interrupts,
+    read_and_parse_all,
     scan_sources,
 )
 from feeder.store import Store
-from feeder.types import Article, CachedImageInfo, SourceFile, SourceStats
+from feeder.types import CachedImageInfo, SourceFile, SourceStats
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 #: Sources parsed per commit.
 _PARSE_BATCH = 500
+#: Fewer changed sources than this are parsed in the refresh's own thread: starting
+#: worker processes costs about what parsing 1,000 sources does.
+_POOL_MIN_SOURCES = 2000
+#: Worker processes parsing at most (and no more than the CPUs this process may use).
+_MAX_PARSE_WORKERS = 8
+#: Sources in one task sent to a worker process.
+_POOL_BATCH = 100
 #: Meta key of what an unfinished refresh left to rebuild.
 _PENDING = "pending_build"
 #: Meta key set while a refresh runs: still set at the start of the next one, if killed.
@@ -338,16 +350,20 @@ class Refresher:
         with self.store.transaction():
             if removed:
                 self._remove_sources(removed, changes)
-            for done, file in enumerate(changed, 1):
-                if self._abandon.is_set():
-                    break  # commit what is parsed; the rest waits for the next refresh
-                # A new source has no stored hash to look up.
-                known_hash = self.store.source_hash(file.path) if file.path in known else None
-                self._update_source(root, file, known_hash, changes, reparse)
-                progress.advance("parse")
-                if done % _PARSE_BATCH == 0:  # a crash or a kill loses one batch at most
-                    self._save_pending(changes)
-                    self.store.commit_so_far()
+            # A new source has no stored hash to look up.
+            jobs = ((file, self.store.source_hash(file.path) if file.path in known else None)
+                    for file in changed)
+            # Closed as the loop ends, even early: worker processes end with it.
+            with contextlib.closing(self._read_and_parse(root, jobs, len(changed),
+                                                         reparse)) as reads:
+                for done, ((_file, known_hash), read) in enumerate(reads, 1):
+                    if self._abandon.is_set():
+                        break  # commit what is parsed; the rest waits for the next refresh
+                    self._update_source(read, known_hash, changes, reparse)
+                    progress.advance("parse")
+                    if done % _PARSE_BATCH == 0:  # a crash or a kill loses one batch at most
+                        self._save_pending(changes)
+                        self.store.commit_so_far()
             self._check_cache(changes)
             for path in scan.misnamed:
                 # Refused once, as any refused file is; a real file may have its escaped name.
@@ -392,40 +408,61 @@ class Refresher:
         if removed:
             log.info("removed %d temp files an unfinished refresh left", removed)
 
-    def _update_source(self, root: Path, file: SourceFile, known_hash: str | None,
-                       changes: _Changes, reparse: bool) -> None:
-        """Re-read one file whose stat changed; re-parse it if its content did.
+    def _read_and_parse(self, root: Path, jobs: Iterator[tuple[SourceFile, str | None]],
+                        count: int, reparse: bool
+                        ) -> Iterator[tuple[tuple[SourceFile, str | None], SourceRead]]:
+        """Each ``(file, known hash)`` of ``jobs`` with what reading and parsing it gave.
+
+        In order, in this thread; or, for a cold start's thousands of sources, in
+        worker processes, while this thread stores what they parsed.
+        """
+        workers = min(_cpus(), _MAX_PARSE_WORKERS)
+        if count < _POOL_MIN_SOURCES or workers < 2:
+            for job in jobs:
+                yield job, self.parser.read_and_parse(root, *job, reparse)
+            return
+        log.info("parsing %d sources in %d worker processes", count, workers)
+        pool = ProcessPoolExecutor(  # forkserver: no fork of a process with threads
+            workers, mp_context=multiprocessing.get_context("forkserver"),
+            initializer=ignore_interrupts)
+        # A few batches ahead of this thread, not all: parsed articles wait in memory.
+        tasks: deque[tuple[list[tuple[SourceFile, str | None]], Future[list[SourceRead]]]]
+        tasks = deque()
+        try:
+            for batch in _batched(jobs, _POOL_BATCH):
+                task = pool.submit(read_and_parse_all, self.config, root, batch, reparse)
+                tasks.append((batch, task))
+                if len(tasks) > 2 * workers:
+                    batch, task = tasks.popleft()
+                    yield from zip(batch, task.result(), strict=True)
+            for batch, task in tasks:
+                yield from zip(batch, task.result(), strict=True)
+        finally:  # abandoned, the batches not started yet are dropped
+            pool.shutdown(cancel_futures=True)
+
+    def _update_source(self, read: SourceRead, known_hash: str | None, changes: _Changes,
+                       reparse: bool) -> None:
+        """Store what reading a file whose stat changed gave.
 
         A published article whose file is refused now (a YAML typo, a file caught
         half-written) stays published as it last parsed, images and all, until the
         file parses again or is deleted: the error is reported meanwhile.
         """
-        article: Article | None = None
-        error: str | None = None
-        try:
-            data = read_source(root / file.path, self.config.sources.max_bytes, file.path)
-        except SourceError as e:
-            if isinstance(e.__cause__, FileNotFoundError):  # deleted since the scan
-                if known_hash is not None:
-                    self._remove_sources([file.path], changes)
-                return
-            data, error = b"", _reason(e)
+        file, digest, article = read.file, read.digest, read.article
+        error = read.error.located_reason if read.error else None
+        if read.deleted:  # since the scan
+            if known_hash is not None:
+                self._remove_sources([file.path], changes)
+            return
+        if read.unreadable:
             # Stored as never read, so the next scan tries again: a permission put
             # right leaves the mtime as it was.
             file = replace(file, mtime_ns=_UNREAD)
-            if known_hash != f"error:{error}":  # told once, not every refresh
-                self._note_refused(e, changes)
-        digest = content_hash(data) if error is None else f"error:{error}"
-        if known_hash == digest and not reparse:
+        if known_hash == digest and not reparse:  # the same bytes, or the same read error
             self.store.touch_source(file)
             return
-        if error is None:
-            mtime = datetime.fromtimestamp(file.mtime_ns / 1e9, UTC)
-            try:
-                article = self.parser.parse(file.path, data, mtime)
-            except SourceError as e:
-                error = _reason(e)
-                self._note_refused(e, changes)
+        if read.error and not (read.unreadable and known_hash == digest):  # told once
+            self._note_refused(read.error, changes)
         changes.count += 1
         if article is None and known_hash is not None and self.store.article(file.path):
             self.store.refuse_source(file, digest, error or "")  # the article stays
@@ -682,6 +719,20 @@ class Refresher:
                         c.schedule.interval, c.feeds.items, c.feeds.slugs, str(c.paths.feeds)])
 
 
+def _cpus() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _batched(items: Iterable[_T], size: int) -> Iterator[list[_T]]:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
 def _folder_state(folder: Path) -> str:
     """What changes when a file is added to or removed from ``folder`` (or it is replaced)."""
     try:
@@ -693,11 +744,6 @@ def _folder_state(folder: Path) -> str:
 
 def _digest(inputs: list[object]) -> str:
     return hashlib.sha1(json.dumps(inputs, ensure_ascii=False).encode()).hexdigest()
-
-
-def _reason(error: SourceError) -> str:
-    """The reason to store for a refused source, with its line when known."""
-    return error.reason if error.line is None else f"line {error.line}: {error.reason}"
 
 
 class FileLock:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import multiprocessing
 import os
 import random
 import shutil
@@ -26,6 +28,7 @@ import lxml.html
 import pytest
 
 import feeder.refresh
+import feeder.sources
 from feeder.config import Config, load_config
 from feeder.exceptions import FeederError, LockedError, RefreshAbandoned
 from feeder.feeds import article_page_path
@@ -604,14 +607,14 @@ async def test_a_file_deleted_during_a_refresh_is_taken_as_deleted(
     await refresh(config)
     new = write_source(config, "new.md", dated("New", 3))
     old.write_text(dated("Old edited", 2), encoding="utf-8")
-    read = feeder.refresh.read_source
+    read = feeder.sources.read_source
 
     def deleted_after_the_scan(path: Path, *args: object) -> bytes:
         if path in (old, new):
             path.unlink()
         return read(path, *args)
 
-    monkeypatch.setattr(feeder.refresh, "read_source", deleted_after_the_scan)
+    monkeypatch.setattr(feeder.sources, "read_source", deleted_after_the_scan)
     summary = await refresh(config)
     assert (summary.failed, "cannot read" in caplog.text) == (0, False)
     assert titles(config, "all") == ["A"]
@@ -944,6 +947,57 @@ async def test_an_error_of_a_cancelled_refresh_is_logged(
     assert record.getMessage() == "the cancelled refresh failed before it stopped"
     assert record.exc_info is not None
     assert "No space left on device" in str(record.exc_info[1])
+
+
+def parse_in_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sources are parsed in 2 worker processes, as thousands of them are on 2 CPUs or more."""
+    monkeypatch.setattr(feeder.refresh, "_POOL_MIN_SOURCES", 2)
+    monkeypatch.setattr(feeder.refresh, "_POOL_BATCH", 3)
+    monkeypatch.setattr(feeder.refresh, "_cpus", lambda: 2)
+
+
+def publish_mixed_folder(config: Config) -> None:
+    for path, data in BAD_SOURCES.items():
+        write_source(config, path, data, mtime=T0)
+    for path, (data, _) in GOOD_SOURCES.items():
+        write_source(config, path, data, mtime=T0)
+
+
+async def test_worker_processes_publish_what_one_thread_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    alone = make_config(tmp_path / "alone", sources={"max_bytes": 65_536})
+    publish_mixed_folder(alone)
+    summary = await refresh(alone)
+    parse_in_workers(monkeypatch)
+    config = make_config(tmp_path / "workers", sources={"max_bytes": 65_536})
+    publish_mixed_folder(config)
+    with caplog.at_level(logging.INFO, "feeder.refresh"):
+        in_workers_summary = await refresh(config)
+    assert f"parsing {len(BAD_SOURCES) + len(GOOD_SOURCES)} sources in 2 worker processes" in (
+        caplog.text)
+    assert not multiprocessing.active_children()
+    assert (in_workers_summary.errors, in_workers_summary.articles) == (
+        summary.errors, summary.articles)
+    assert titles(config, "all") == titles(alone, "all")
+    pages = [snapshot(c.paths.feeds / "articles") for c in (config, alone)]
+    assert [{name: data for name, (_, data) in p.items()} for p in pages] == [
+        {name: data for name, (_, data) in pages[1].items()}] * 2
+
+
+async def test_a_refresh_abandoned_while_worker_processes_parse_keeps_what_they_parsed(
+        config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_source(config, "cls-seed.md", SEED_TEXT)
+    await refresh(config)
+    parse_in_workers(monkeypatch)
+    for i in range(60):
+        write_source(config, f"many/{i:03d}.md", dated(f"Many {i}", 1 + i % 28))
+    with open_refresher(config) as refresher, pytest.raises(RefreshAbandoned):
+        await refresher.refresh(AbandonAfter(refresher, "parse", 10))
+    assert not multiprocessing.active_children()
+    summary = await refresh(config)
+    assert (summary.changed, summary.articles) == (50, 61)
+    assert len(list((config.paths.feeds / "articles").iterdir())) == 61
 
 
 async def test_temp_files_of_an_unfinished_refresh_are_removed_by_the_next(config: Config) -> None:
