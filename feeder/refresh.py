@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import fcntl
 import hashlib
-import itertools
 import json
 import logging
 import multiprocessing
@@ -19,7 +18,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -74,6 +73,8 @@ from feeder.types import CachedImageInfo, SourceFile, SourceStats
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+#: A changed source to read and parse, with the hash of its bytes when it last parsed.
+_Job = tuple[SourceFile, str | None]
 #: Sources parsed per commit.
 _PARSE_BATCH = 500
 #: Fewer changed sources than this are parsed in the refresh's own thread: starting
@@ -351,11 +352,10 @@ class Refresher:
             if removed:
                 self._remove_sources(removed, changes)
             # A new source has no stored hash to look up.
-            jobs = ((file, self.store.source_hash(file.path) if file.path in known else None)
-                    for file in changed)
+            jobs = [(file, self.store.source_hash(file.path) if file.path in known else None)
+                    for file in changed]
             # Closed as the loop ends, even early: worker processes end with it.
-            with contextlib.closing(self._read_and_parse(root, jobs, len(changed),
-                                                         reparse)) as reads:
+            with contextlib.closing(self._read_and_parse(root, jobs, reparse)) as reads:
                 for done, ((_file, known_hash), read) in enumerate(reads, 1):
                     if self._abandon.is_set():
                         break  # commit what is parsed; the rest waits for the next refresh
@@ -408,30 +408,41 @@ class Refresher:
         if removed:
             log.info("removed %d temp files an unfinished refresh left", removed)
 
-    def _read_and_parse(self, root: Path, jobs: Iterator[tuple[SourceFile, str | None]],
-                        count: int, reparse: bool
-                        ) -> Iterator[tuple[tuple[SourceFile, str | None], SourceRead]]:
+    def _read_and_parse(self, root: Path, jobs: list[_Job], reparse: bool
+                        ) -> Iterator[tuple[_Job, SourceRead]]:
         """Each ``(file, known hash)`` of ``jobs`` with what reading and parsing it gave.
 
         In order, in this thread; or, for a cold start's thousands of sources, in
-        worker processes, while this thread stores what they parsed.
+        worker processes, while this thread stores what they parsed. Should those
+        fail (cannot start, killed), the rest is parsed here.
         """
+        done = 0
         workers = min(_cpus(), _MAX_PARSE_WORKERS)
-        if count < _POOL_MIN_SOURCES or workers < 2:
-            for job in jobs:
-                yield job, self.parser.read_and_parse(root, *job, reparse)
-            return
-        log.info("parsing %d sources in %d worker processes", count, workers)
+        if len(jobs) >= _POOL_MIN_SOURCES and workers >= 2:
+            log.info("parsing %d sources in %d worker processes", len(jobs), workers)
+            try:
+                for item in self._read_and_parse_in_workers(root, jobs, reparse, workers):
+                    yield item
+                    done += 1
+            except Exception as e:
+                log.warning("parsing in worker processes failed (%s); parsing the %d sources "
+                            "left in the refresh's thread", e or type(e).__name__,
+                            len(jobs) - done, exc_info=True)
+        for job in jobs[done:]:
+            yield job, self.parser.read_and_parse(root, *job, reparse)
+
+    def _read_and_parse_in_workers(self, root: Path, jobs: list[_Job], reparse: bool,
+                                   workers: int) -> Iterator[tuple[_Job, SourceRead]]:
         pool = ProcessPoolExecutor(  # forkserver: no fork of a process with threads
             workers, mp_context=multiprocessing.get_context("forkserver"),
             initializer=ignore_interrupts)
         # A few batches ahead of this thread, not all: parsed articles wait in memory.
-        tasks: deque[tuple[list[tuple[SourceFile, str | None]], Future[list[SourceRead]]]]
-        tasks = deque()
+        tasks: deque[tuple[list[_Job], Future[list[SourceRead]]]] = deque()
         try:
-            for batch in _batched(jobs, _POOL_BATCH):
-                task = pool.submit(read_and_parse_all, self.config, root, batch, reparse)
-                tasks.append((batch, task))
+            for start in range(0, len(jobs), _POOL_BATCH):
+                batch = jobs[start : start + _POOL_BATCH]
+                tasks.append((batch, pool.submit(read_and_parse_all, self.config, root, batch,
+                                                 reparse)))
                 if len(tasks) > 2 * workers:
                     batch, task = tasks.popleft()
                     yield from zip(batch, task.result(), strict=True)
@@ -725,12 +736,6 @@ def _cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
-
-
-def _batched(items: Iterable[_T], size: int) -> Iterator[list[_T]]:
-    iterator = iter(items)
-    while batch := list(itertools.islice(iterator, size)):
-        yield batch
 
 
 def _folder_state(folder: Path) -> str:

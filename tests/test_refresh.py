@@ -1000,6 +1000,25 @@ async def test_a_refresh_abandoned_while_worker_processes_parse_keeps_what_they_
     assert len(list((config.paths.feeds / "articles").iterdir())) == 61
 
 
+def die(*args: object) -> None:
+    """A worker process's task that kills it, as the kernel's OOM killer would."""
+    os._exit(9)
+
+
+async def test_a_refresh_whose_worker_processes_die_parses_in_its_own_thread(
+        config: Config, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    parse_in_workers(monkeypatch)
+    monkeypatch.setattr(feeder.refresh, "read_and_parse_all", die)
+    for i in range(20):
+        write_source(config, f"many/{i:03d}.md", dated(f"Many {i}", 1 + i))
+    summary = await refresh(config)
+    assert (summary.articles, summary.failed) == (20, 0)
+    assert len(titles(config, "all")) == 20
+    assert "parsing in worker processes failed" in caplog.text
+    assert "parsing the 20 sources left in the refresh's thread" in caplog.text
+
+
 async def test_temp_files_of_an_unfinished_refresh_are_removed_by_the_next(config: Config) -> None:
     write_source(config, "cls-seed.md", SEED_TEXT)
     await refresh(config)
