@@ -24,7 +24,7 @@ from lxml import etree
 
 from feeder import __version__
 from feeder.config import SLUG_MAX_BYTES, Config, ImagesConfig
-from feeder.images import is_allowed, rewrite_image_urls
+from feeder.imagehtml import is_allowed, rewrite_image_urls
 from feeder.sources import article_guid
 from feeder.types import Article, CachedImageInfo
 

@@ -1,4 +1,4 @@
-"""Images: find them in article HTML, fetch them into the cache, point the HTML at the copies.
+"""Images: fetch those articles show into the cache (:mod:`feeder.imagehtml` finds them).
 
 Only URLs found in sources are fetched, and only from allowed hosts; every redirect
 hop is checked again, the body must be a raster image by its magic bytes, the size
@@ -16,13 +16,11 @@ import ipaddress
 import logging
 import os
 import random
-import re
 import socket
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
-from html import unescape
 from pathlib import Path
 from typing import Final
 from urllib.parse import SplitResult, urljoin, urlsplit
@@ -37,16 +35,11 @@ from aiohttp.resolver import DefaultResolver
 from feeder import __version__
 from feeder.config import ImagesConfig
 from feeder.exceptions import ImageError
+from feeder.imagehtml import allowed_hosts, is_absolute_http, is_allowed, is_allowed_by, url_host
 from feeder.output import folder_names, temp_path, write_atomically
 
 log = logging.getLogger(__name__)
 
-#: Attributes a lazy-loading script takes an ``<img>``'s real URL from.
-LAZY_ATTRIBUTES: Final = ("data-src", "data-original")
-#: Attributes holding one image URL, on ``<img>``.
-URL_ATTRIBUTES: Final = ("src", *LAZY_ATTRIBUTES)
-#: Attributes holding a ``srcset`` (comma-separated candidates), on ``<img>`` and ``<source>``.
-SRCSET_ATTRIBUTES: Final = ("srcset", "data-srcset")
 #: Redirect hops followed per attempt.
 MAX_REDIRECTS: Final = 3
 #: Longest ``Retry-After`` waited for within one call; a longer one ends the attempts.
@@ -67,12 +60,6 @@ BUFFER_BYTES: Final = 256 * 1024
 _TASK_BATCH: Final = 256
 
 _REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
-_SRCSET_SPACE: Final = " \t\n\r\f"
-#: An http(s) URL with a plain ASCII host and maybe a port, up to its path: urlsplit
-#: finds a scheme and this host (lowercased) in each, and never raises.
-_PLAIN_HTTP_URL: Final = re.compile(
-    r"https?://([a-z0-9._~-]+)(?::[0-9]*)?(?:[/?#]|\Z)", re.IGNORECASE | re.ASCII
-)
 
 
 @dataclass(frozen=True)
@@ -112,204 +99,21 @@ class _Downloaded:
     chunks: tuple[bytes, ...] = ()
 
 
-# -- HTML ---------------------------------------------------------------------------------
-
-
-def rewrite_image_urls(html: str, mapping: Mapping[str, str]) -> str:
-    """The fragment with each image URL that is a key of ``mapping`` replaced by its value.
-
-    ``html`` is an article's content, nh3's output: its tags are edited as text (see
-    :func:`show_lazy_images`), and ``html`` itself is returned when nothing is
-    replaced, so an article without a cached image costs nothing.
-    """
-    if not mapping or not any(
-        url in html or _escaped(url) in html for url in mapping
-    ):
-        return html
-
-    def rewrite(tag: re.Match[str]) -> str:
-        attributes = dict(_ATTRIBUTE.findall(tag[2]))
-        changed = False
-        for attribute in _image_attributes(tag[1]):
-            if (value := attributes.get(attribute)) is None:
-                continue
-            candidates = _candidates(attribute, unescape(value))
-            if any(url in mapping for url, _ in candidates):
-                joined = _joined([(mapping.get(url, url), d) for url, d in candidates])
-                attributes[attribute] = _escaped(joined)
-                changed = True
-        return _start_tag(tag[1], attributes) if changed else tag[0]
-
-    return _IMAGE_TAG.sub(rewrite, html)
-
-
-def show_lazy_images(html: str) -> str:
-    """Give an ``<img>`` that only lazy-loads (``data-src``, no ``src``) its ``src``.
-
-    Feed readers and the article pages run no script: such an image would never show.
-    ``html`` is nh3's output, where every attribute is written ``name="value"``: the
-    tags are edited as text. Serializing a parse again would change the markup:
-    libxml2 percent-encodes URLs and moves tags as HTML 4 nests them.
-    """
-    if not any(attribute in html for attribute in LAZY_ATTRIBUTES):
-        return html
-    return _IMAGE_TAG.sub(_with_lazy_src, html)
-
-
-#: A start tag of an image element as nh3 writes it, and one of its attributes.
-_IMAGE_TAG = re.compile(r'<(img|source)((?:\s+[^\s"=>]+="[^"]*")*)\s*>')
-_ATTRIBUTE = re.compile(r'([^\s"=>]+)="([^"]*)"')
-
-
-def _with_lazy_src(tag: re.Match[str]) -> str:
-    attributes = dict(_ATTRIBUTE.findall(tag[2]))
-    lazy = next(filter(None, map(attributes.get, LAZY_ATTRIBUTES)), "")
-    url = absolute_url(unescape(lazy).strip())
-    if tag[1] != "img" or attributes.get("src") or not _is_absolute_http(url):
-        return tag[0]  # never javascript: or data:
-    attributes["src"] = _escaped(url)
-    return _start_tag("img", attributes)
-
-
-def _start_tag(name: str, attributes: dict[str, str]) -> str:
-    """A start tag as nh3 writes it, from attribute values already escaped."""
-    return f"<{name}" + "".join(f' {key}="{value}"' for key, value in attributes.items()) + ">"
-
-
-def _escaped(value: str) -> str:
-    """An attribute's value as nh3 writes it between double quotes."""
-    return value.replace("&", "&amp;").replace('"', "&quot;")
-
-
-def _joined(candidates: list[tuple[str, str]]) -> str:
-    """An attribute's value from its candidates; a plain one is one URL, no descriptor."""
-    return ", ".join(f"{url} {descriptor}".rstrip() for url, descriptor in candidates)
-
-
-def _candidates(attribute: str, value: str) -> list[tuple[str, str]]:
-    if attribute in SRCSET_ATTRIBUTES:
-        return _parse_srcset(value)
-    return [(value.strip(), "")]
-
-
-class ImageCollector:
-    """An nh3 ``attribute_filter`` that notes the image URLs of the HTML being cleaned.
-
-    It notes them while nh3 parses, so the cleaned HTML is never parsed again.
-    A protocol-relative URL (``//img.cls.cn/...``) becomes ``https:``: a reader would
-    resolve it against the feed's address, and the image is the origin's.
-    One collector serves one clean at a time: :meth:`take` returns and forgets.
-    """
-
-    def __init__(self) -> None:
-        self._found: dict[str, None] = {}
-
-    def __call__(self, tag: str, attribute: str, value: str) -> str:
-        if tag in ("img", "source") and attribute in _image_attributes(tag):
-            candidates = _candidates(attribute, value)
-            if any(url.startswith("//") for url, _ in candidates):
-                candidates = [(absolute_url(url), d) for url, d in candidates]
-                value = _joined(candidates)
-            for url, _ in candidates:
-                if _is_absolute_http(url):
-                    self._found.setdefault(url, None)
-        return value
-
-    def take(self) -> list[str]:
-        found = list(self._found)
-        self._found.clear()
-        return found
-
-
-def _image_attributes(tag: str) -> tuple[str, ...]:
-    if tag == "source":
-        return SRCSET_ATTRIBUTES
-    return URL_ATTRIBUTES + SRCSET_ATTRIBUTES
-
-
-def _parse_srcset(value: str) -> list[tuple[str, str]]:
-    """``srcset`` candidates as (URL, descriptor), following the HTML parsing algorithm."""
-    candidates: list[tuple[str, str]] = []
-    i, n = 0, len(value)
-    while i < n:
-        while i < n and (value[i] in _SRCSET_SPACE or value[i] == ","):
-            i += 1
-        start = i
-        while i < n and value[i] not in _SRCSET_SPACE:
-            i += 1
-        url = value[start:i]
-        if not url:
-            break
-        descriptor = ""
-        if url.endswith(","):
-            url = url.rstrip(",")
-        else:
-            start, depth = i, 0
-            while i < n:
-                char = value[i]
-                if char == "(":
-                    depth += 1
-                elif char == ")" and depth:
-                    depth -= 1
-                elif char == "," and not depth:
-                    break
-                i += 1
-            descriptor = " ".join(value[start:i].split())
-            i += 1
-        if url:
-            candidates.append((url, descriptor))
-    return candidates
-
-
-def absolute_url(url: str) -> str:
-    """``url``, with ``https:`` in front if it is protocol-relative (``//host/...``)."""
-    return f"https:{url}" if url.startswith("//") else url
-
-
-def _is_absolute_http(url: str) -> bool:
-    if _PLAIN_HTTP_URL.match(url):
-        return True  # what urlsplit says of these, at a fifth of its cost (sources have many)
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return False
-    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
-
-
 # -- URLs and decisions -------------------------------------------------------------------
 
 
 def split_refused(urls: Iterable[str], config: ImagesConfig) -> tuple[list[FailedImage], list[str]]:
     """The URLs never to be fetched, as permanent failures, and the others, in order."""
     refused, wanted = [], []
-    hosts = _allowed_hosts(config)
+    hosts = allowed_hosts(config)
     for url in urls:
-        if _is_allowed(url, hosts):
+        if is_allowed_by(url, hosts):
             wanted.append(url)
-        elif _is_absolute_http(url):
-            refused.append(FailedImage(url, f"host {_host(url)} is not allowed", True, None))
+        elif is_absolute_http(url):
+            refused.append(FailedImage(url, f"host {url_host(url)} is not allowed", True, None))
         else:
             refused.append(FailedImage(url, "not an absolute http(s) URL", True, None))
     return refused, wanted
-
-
-def is_allowed(url: str, config: ImagesConfig) -> bool:
-    """True for an http(s) URL whose host is on ``config.allowed_hosts`` (exact, any case)."""
-    return _is_allowed(url, _allowed_hosts(config))
-
-
-def allowed_urls(urls: Iterable[str], config: ImagesConfig) -> list[str]:
-    """Those of ``urls`` that :func:`is_allowed`, in order: the images feeder fetches."""
-    hosts = _allowed_hosts(config)
-    return [url for url in urls if _is_allowed(url, hosts)]
-
-
-def _allowed_hosts(config: ImagesConfig) -> frozenset[str]:
-    return frozenset(allowed.lower().rstrip(".") for allowed in config.allowed_hosts)
-
-
-def _is_allowed(url: str, hosts: frozenset[str]) -> bool:
-    return _is_absolute_http(url) and _host(url) in hosts
 
 
 def mirror_url(url: str, config: ImagesConfig) -> str:
@@ -416,16 +220,6 @@ def retry_delay(failures: int, retry_after: float | None = None) -> timedelta:
     return min(delay, MAX_RETRY_DELAY)
 
 
-def _host(url: str) -> str | None:
-    if match := _PLAIN_HTTP_URL.match(url):
-        return match[1].lower().rstrip(".")
-    try:
-        host = urlsplit(url).hostname
-    except ValueError:
-        return None
-    return host.rstrip(".") if host else None
-
-
 def _origin(parts: SplitResult) -> tuple[str, str, int | None]:
     """(scheme, host, port) with the default port filled in; ValueError on a bad port."""
     scheme = parts.scheme.lower()
@@ -434,7 +228,7 @@ def _origin(parts: SplitResult) -> tuple[str, str, int | None]:
 
 
 def _mirror_hosts(config: ImagesConfig) -> frozenset[str]:
-    hosts = (_host(mirror) for mirror in config.origins.values())
+    hosts = (url_host(mirror) for mirror in config.origins.values())
     return frozenset(host for host in hosts if host)
 
 
@@ -730,7 +524,7 @@ async def _download(
 ) -> _Downloaded:
     """Request ``target``, following redirects by hand, and stream it to the cache."""
     for _hop in range(MAX_REDIRECTS + 1):
-        host = _host(target) or ""
+        host = url_host(target) or ""
         if _is_ip_literal(host) and host not in _mirror_hosts(config) and not _is_public(host):
             # aiohttp does not ask the resolver about a literal address
             raise ImageError(url, f"{host} is a non-public address", permanent=True)
@@ -754,7 +548,7 @@ def _redirect_target(
     target = urljoin(current, location.strip())
     try:
         # A mirror need not know the origin's name, so it may redirect to itself.
-        same_mirror = _host(current) in _mirror_hosts(config) and _origin(
+        same_mirror = url_host(current) in _mirror_hosts(config) and _origin(
             urlsplit(target)
         ) == _origin(urlsplit(current))
     except ValueError:
@@ -764,7 +558,7 @@ def _redirect_target(
     if is_allowed(target, config):
         return mirror_url(target, config)
     raise ImageError(
-        url, f"redirect to disallowed host {_host(target) or location}", permanent=True
+        url, f"redirect to disallowed host {url_host(target) or location}", permanent=True
     )
 
 

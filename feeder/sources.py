@@ -33,7 +33,7 @@ from markdown_it.common.html_blocks import block_names
 
 from feeder.config import Config, iri_to_uri
 from feeder.exceptions import FeederError, SourceError, printable_path
-from feeder.images import ImageCollector, absolute_url, allowed_urls, show_lazy_images
+from feeder.imagehtml import ImageCollector, absolute_url, allowed_urls, show_lazy_images
 from feeder.types import Article, SourceFile, SourceStats
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import lxml.html
 from lxml import etree
 
-from feeder.images import _candidates, _image_attributes, _is_absolute_http
+from feeder.imagehtml import _candidates, _image_attributes, is_absolute_http
 
 
 def extract_image_urls(html: str) -> list[str]:
@@ -20,6 +20,6 @@ def extract_image_urls(html: str) -> list[str]:
         for attribute in _image_attributes(element.tag):
             value = element.get(attribute)
             for url, _ in _candidates(attribute, value) if value is not None else ():
-                if _is_absolute_http(url):
+                if is_absolute_http(url):
                     found.setdefault(url, None)
     return list(found)

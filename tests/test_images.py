@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from feeder import __version__
 from feeder.config import ImagesConfig
+from feeder.imagehtml import is_allowed, rewrite_image_urls
 from feeder.images import (
     _TASK_BATCH,
     BUFFER_BYTES,
@@ -25,10 +26,8 @@ from feeder.images import (
     cache_name,
     fetch_images,
     find_cached,
-    is_allowed,
     mirror_url,
     retry_delay,
-    rewrite_image_urls,
     sniff_image,
     split_refused,
 )

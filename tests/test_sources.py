@@ -20,7 +20,7 @@ import feeder.sources
 from feeder.config import Config
 from feeder.exceptions import FeederError, SourceError
 from feeder.feeds import FeedInfo, build_feed
-from feeder.images import is_allowed
+from feeder.imagehtml import is_allowed
 from feeder.sources import (
     MAX_AMPERSANDS,
     MAX_DEPTH,
