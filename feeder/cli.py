@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn, TimeElapsedColumn
@@ -16,9 +17,7 @@ from rich.progress import Progress as RichBar
 
 from feeder import __version__
 from feeder.config import Config, load_config
-from feeder.daemon import ask_daemon, run_daemon
 from feeder.exceptions import FeederError, SourceError, known_error, printable_path
-from feeder.refresh import RefreshSummary, collect_garbage, lock, open_refresher
 from feeder.sources import (
     MISNAMED,
     SourceParser,
@@ -26,6 +25,13 @@ from feeder.sources import (
     scan_sources,
 )
 from feeder.store import Store
+
+if TYPE_CHECKING:
+    from feeder.refresh import RefreshSummary
+
+# feeder.daemon and feeder.refresh (aiohttp, the network stack) are imported by the
+# commands that use them: a worker process parsing sources runs the main script's
+# imports, which is this module's when feeder runs as its console script.
 
 _STAGES = {"parse": "Parsing sources", "images": "Fetching images", "write": "Writing feeds"}
 
@@ -106,6 +112,8 @@ def run(loader: _ConfigLoader) -> None:
                         format="%(asctime)s %(levelname)s %(message)s")
     for chatty in ("apscheduler", "watchfiles"):  # a line per job run or change seen
         logging.getLogger(chatty).setLevel(max(level, logging.WARNING))
+    from feeder.daemon import run_daemon
+
     with _known_errors(config):
         asyncio.run(run_daemon(config))
 
@@ -117,6 +125,9 @@ def refresh(loader: _ConfigLoader) -> None:
 
     A running daemon is asked to do it; with none, it runs here.
     """
+    from feeder.daemon import ask_daemon
+    from feeder.refresh import RefreshSummary
+
     config = loader.load()
     with _known_errors(config):
         answer = asyncio.run(ask_daemon(config, "POST", "/refresh"))
@@ -129,6 +140,8 @@ def refresh(loader: _ConfigLoader) -> None:
 
 
 def _refresh_here(config: Config) -> RefreshSummary:
+    from feeder.refresh import lock, open_refresher
+
     with lock(config), open_refresher(config) as refresher:
         if not sys.stderr.isatty():
             return asyncio.run(refresher.refresh())
@@ -194,6 +207,8 @@ def _display_path(file: Path, sources: Path) -> str:
 @click.pass_obj
 def status(loader: _ConfigLoader) -> None:
     """Show the last refreshes, failing sources and failing images."""
+    from feeder.daemon import ask_daemon
+
     config = loader.load()
     with _known_errors(config):
         daemon = asyncio.run(ask_daemon(config, "GET", "/status"))
@@ -214,6 +229,8 @@ def status(loader: _ConfigLoader) -> None:
 
 
 def _print_status(store: Store) -> None:
+    from feeder.refresh import RefreshSummary
+
     refreshes = store.last_refreshes()
     if not refreshes:
         click.echo("never refreshed")
@@ -246,6 +263,8 @@ def _echo_some(lines: list[str], what: str) -> None:
 @click.pass_obj
 def gc(loader: _ConfigLoader) -> None:
     """Delete cached images that no article references any more."""
+    from feeder.refresh import collect_garbage, lock
+
     config = loader.load()
     with _known_errors(config), lock(config):
         store = Store.open(config.database)

@@ -64,9 +64,9 @@ from feeder.sources import (
     SourceParser,
     SourceRead,
     article_id,
-    ignore_interrupts,
     read_and_parse_all,
     scan_sources,
+    start_worker,
 )
 from feeder.store import Store
 from feeder.types import CachedImageInfo, SourceFile, SourceStats
@@ -80,8 +80,9 @@ _PARSE_BATCH = 500
 #: Fewer changed sources than this are parsed in the refresh's own thread: starting
 #: worker processes costs about what parsing 1,000 sources does.
 _POOL_MIN_SOURCES = 2000
-#: Worker processes parsing at most (and no more than the CPUs this process may use).
-_MAX_PARSE_WORKERS = 8
+#: Worker processes parsing at most (and no more than the CPUs this process may use):
+#: the refresh thread stores what 2 or 3 parse, and each holds about 35 MB.
+_MAX_PARSE_WORKERS = 2
 #: Sources in one task sent to a worker process.
 _POOL_BATCH = 100
 #: Meta key of what an unfinished refresh left to rebuild.
@@ -433,9 +434,9 @@ class Refresher:
 
     def _read_and_parse_in_workers(self, root: Path, jobs: list[_Job], reparse: bool,
                                    workers: int) -> Iterator[tuple[_Job, SourceRead]]:
-        pool = ProcessPoolExecutor(  # forkserver: no fork of a process with threads
-            workers, mp_context=multiprocessing.get_context("forkserver"),
-            initializer=ignore_interrupts)
+        pool = ProcessPoolExecutor(  # spawned: no fork of a process with threads
+            workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=start_worker, initargs=(os.getpid(),))
         # A few batches ahead of this thread, not all: parsed articles wait in memory.
         tasks: deque[tuple[list[_Job], Future[list[SourceRead]]]] = deque()
         try:

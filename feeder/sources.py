@@ -18,6 +18,7 @@ import re
 import reprlib
 import signal
 import stat
+import threading
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, timezone, tzinfo
@@ -257,9 +258,22 @@ def read_and_parse_all(config: Config, root: Path, batch: list[tuple[SourceFile,
     return [parser.read_and_parse(root, file, known, reparse) for file, known in batch]
 
 
-def ignore_interrupts() -> None:
-    """Start of a parsing worker: Ctrl-C on a terminal reaches it too, but its parent decides."""
+def start_worker(parent: int) -> None:
+    """Start of a parsing worker process, whose parent is the process ``parent``.
+
+    Ctrl-C on a terminal reaches the worker too, but its parent decides; and the
+    worker ends with its parent, even one killed (kill -9 tells no one).
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_end_with, args=(parent,), name="end-with-parent",
+                     daemon=True).start()
+
+
+def _end_with(parent: int) -> None:
+    never = threading.Event()
+    while os.getppid() == parent:  # an orphan is adopted by another process
+        never.wait(1)
+    os._exit(1)
 
 
 class SourceParser:

@@ -1044,6 +1044,49 @@ async def test_temp_files_of_an_unfinished_refresh_are_removed_by_the_next(confi
     assert "New" in titles(config, "all")
 
 
+def children_of(pid: int) -> set[int]:
+    children: set[int] = set()
+    with contextlib.suppress(FileNotFoundError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            children |= {int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text()
+                         .split()}
+    return children
+
+
+def running(pid: int) -> bool:
+    """Is ``pid`` a process still running (not ended, nor a zombie waiting to be reaped)?"""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: no worker processes")
+def test_kill_9_of_a_refresh_leaves_no_worker_process(tmp_path: Path) -> None:
+    config_file = write_config_file(tmp_path)
+    write_corpus(load_config(config_file), feeder.refresh._POOL_MIN_SOURCES)
+    process = subprocess.Popen([sys.executable, "-m", "feeder", "-c", str(config_file), "refresh"],
+                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        workers: set[int] = set()
+        for _ in range(600):  # until it has started its workers
+            workers = children_of(process.pid)
+            if workers or process.poll() is not None:
+                break
+            time.sleep(0.01)
+    finally:
+        process.kill()
+        process.wait()
+    assert workers, "the refresh ended before it started worker processes"
+    for _ in range(50):
+        if not any(map(running, workers)):
+            break
+        time.sleep(0.1)
+    assert not any(map(running, workers)), "worker processes outlived their killed parent"
+
+
 @pytest.mark.slow
 def test_kill_9_never_leaves_a_broken_file(tmp_path: Path) -> None:
     overrides = {"feeds": {"items": 10}}
