@@ -583,18 +583,21 @@ async def _save(
     to write in one go; a larger one is streamed to a ``.part`` file, renamed once
     complete.
     """
-    if response.content_length is not None and response.content_length > max_bytes:
+    length = response.content_length
+    if length is not None and length > max_bytes:
         raise _too_large(url, max_bytes)
+    if length is not None and length <= BUFFER_BYTES:  # most images: read in one go
+        body = await response.read()
+        mime, extension = _image_kind(url, response, body[:SNIFF_BYTES])
+        image = CachedImage(url=url, name=cache_name(url, extension), size=len(body), mime=mime)
+        return _Downloaded(image, (body,))
     head = b""
     while len(head) < SNIFF_BYTES:
         chunk = await response.content.read(SNIFF_BYTES - len(head))
         if not chunk:
             break
         head += chunk
-    kind = sniff_image(head)
-    if kind is None:
-        raise ImageError(url, _not_an_image(response, head), permanent=True)
-    mime, extension = kind
+    mime, extension = _image_kind(url, response, head)
     name = cache_name(url, extension)
     chunks, size = [head], len(head)
     body = response.content.iter_chunked(CHUNK_BYTES)
@@ -636,6 +639,14 @@ def _write_error(url: str, error: OSError) -> ImageError:
 
 def _too_large(url: str, max_bytes: int) -> ImageError:
     return ImageError(url, f"larger than {max_bytes} bytes", permanent=True)
+
+
+def _image_kind(url: str, response: aiohttp.ClientResponse, head: bytes) -> tuple[str, str]:
+    """The MIME type and extension of an image starting with ``head``; an error if none."""
+    kind = sniff_image(head)
+    if kind is None:
+        raise ImageError(url, _not_an_image(response, head), permanent=True)
+    return kind
 
 
 def _not_an_image(response: aiohttp.ClientResponse, head: bytes) -> str:
