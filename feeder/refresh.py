@@ -13,13 +13,14 @@ import fcntl
 import hashlib
 import json
 import logging
+import logging.handlers
 import multiprocessing
 import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import BrokenExecutor, Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
@@ -357,10 +358,10 @@ class Refresher:
                     for file in changed]
             # Closed as the loop ends, even early: worker processes end with it.
             with contextlib.closing(self._read_and_parse(root, jobs, reparse)) as reads:
-                for done, ((_file, known_hash), read) in enumerate(reads, 1):
+                for done, read in enumerate(reads, 1):
                     if self._abandon.is_set():
                         break  # commit what is parsed; the rest waits for the next refresh
-                    self._update_source(read, known_hash, changes, reparse)
+                    self._update_source(read, changes, reparse)
                     progress.advance("parse")
                     if done % _PARSE_BATCH == 0:  # a crash or a kill loses one batch at most
                         self._save_pending(changes)
@@ -410,58 +411,65 @@ class Refresher:
             log.info("removed %d temp files an unfinished refresh left", removed)
 
     def _read_and_parse(self, root: Path, jobs: list[_Job], reparse: bool
-                        ) -> Iterator[tuple[_Job, SourceRead]]:
-        """Each ``(file, known hash)`` of ``jobs`` with what reading and parsing it gave.
+                        ) -> Iterator[SourceRead]:
+        """What reading and parsing each ``(file, known hash)`` of ``jobs`` gave, in order.
 
-        In order, in this thread; or, for a cold start's thousands of sources, in
-        worker processes, while this thread stores what they parsed. Should those
-        fail (cannot start, killed), the rest is parsed here.
+        In this thread; or, for a cold start's thousands of sources, in worker
+        processes, while this thread stores what they parsed. Should those fail
+        (cannot start, killed), the rest is parsed here.
         """
         done = 0
         workers = min(_cpus(), _MAX_PARSE_WORKERS)
         if len(jobs) >= _POOL_MIN_SOURCES and workers >= 2:
             log.info("parsing %d sources in %d worker processes", len(jobs), workers)
             try:
-                for item in self._read_and_parse_in_workers(root, jobs, reparse, workers):
-                    yield item
-                    done += 1
-            except Exception as e:
+                with contextlib.closing(self._read_and_parse_in_workers(
+                        root, jobs, reparse, workers)) as reads:
+                    for read in reads:
+                        yield read
+                        done += 1
+            except (BrokenExecutor, OSError) as e:
+                if self._abandon.is_set():
+                    return  # a service manager stopping us stopped them too
                 log.warning("parsing in worker processes failed (%s); parsing the %d sources "
-                            "left in the refresh's thread", e or type(e).__name__,
+                            "left in the refresh's thread", str(e) or type(e).__name__,
                             len(jobs) - done, exc_info=True)
-        for job in jobs[done:]:
-            yield job, self.parser.read_and_parse(root, *job, reparse)
+        for file, known_hash in jobs[done:]:
+            yield self.parser.read_and_parse(root, file, known_hash, reparse)
 
     def _read_and_parse_in_workers(self, root: Path, jobs: list[_Job], reparse: bool,
-                                   workers: int) -> Iterator[tuple[_Job, SourceRead]]:
-        pool = ProcessPoolExecutor(  # spawned: no fork of a process with threads
-            workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=start_worker, initargs=(os.getpid(),))
+                                   workers: int) -> Iterator[SourceRead]:
+        context = multiprocessing.get_context("spawn")  # no fork of a process with threads
+        log_queue = context.Queue()
+        listener = logging.handlers.QueueListener(log_queue, _AsLogged())
+        pool = ProcessPoolExecutor(
+            workers, mp_context=context, initializer=start_worker,
+            initargs=(os.getpid(), log_queue, logging.getLogger().getEffectiveLevel()))
         # A few batches ahead of this thread, not all: parsed articles wait in memory.
-        tasks: deque[tuple[list[_Job], Future[list[SourceRead]]]] = deque()
+        tasks: deque[Future[list[SourceRead]]] = deque()
+        listener.start()
         try:
             for start in range(0, len(jobs), _POOL_BATCH):
-                batch = jobs[start : start + _POOL_BATCH]
-                tasks.append((batch, pool.submit(read_and_parse_all, self.config, root, batch,
-                                                 reparse)))
+                tasks.append(pool.submit(read_and_parse_all, self.config, root,
+                                         jobs[start : start + _POOL_BATCH], reparse))
                 if len(tasks) > 2 * workers:
-                    batch, task = tasks.popleft()
-                    yield from zip(batch, task.result(), strict=True)
-            for batch, task in tasks:
-                yield from zip(batch, task.result(), strict=True)
+                    yield from tasks.popleft().result()
+            while tasks:
+                yield from tasks.popleft().result()
         finally:  # abandoned, the batches not started yet are dropped
             pool.shutdown(cancel_futures=True)
+            listener.stop()
+            log_queue.close()
 
-    def _update_source(self, read: SourceRead, known_hash: str | None, changes: _Changes,
-                       reparse: bool) -> None:
+    def _update_source(self, read: SourceRead, changes: _Changes, reparse: bool) -> None:
         """Store what reading a file whose stat changed gave.
 
         A published article whose file is refused now (a YAML typo, a file caught
         half-written) stays published as it last parsed, images and all, until the
         file parses again or is deleted: the error is reported meanwhile.
         """
-        file, digest, article = read.file, read.digest, read.article
-        error = read.error.located_reason if read.error else None
+        file, known_hash, digest, article = read.file, read.known_hash, read.digest, read.article
+        error = read.error.located_reason if read.error is not None else None
         if read.deleted:  # since the scan
             if known_hash is not None:
                 self._remove_sources([file.path], changes)
@@ -473,7 +481,7 @@ class Refresher:
         if known_hash == digest and not reparse:  # the same bytes, or the same read error
             self.store.touch_source(file)
             return
-        if read.error and not (read.unreadable and known_hash == digest):  # told once
+        if read.error is not None and not (read.unreadable and known_hash == digest):  # once
             self._note_refused(read.error, changes)
         changes.count += 1
         if article is None and known_hash is not None and self.store.article(file.path):
@@ -729,6 +737,13 @@ class Refresher:
         c = self.config
         return _digest([__version__, OUTPUT_VERSION, c.site.base_url, c.site.title,
                         c.schedule.interval, c.feeds.items, c.feeds.slugs, str(c.paths.feeds)])
+
+
+class _AsLogged(logging.Handler):
+    """Logs a record from a worker process as if it were this process's own."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger(record.name).handle(record)
 
 
 def _cpus() -> int:

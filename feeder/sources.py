@@ -13,6 +13,7 @@ import email.utils
 import hashlib
 import html
 import logging
+import logging.handlers
 import os
 import re
 import reprlib
@@ -22,6 +23,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, timezone, tzinfo
+from multiprocessing.queues import Queue
 from pathlib import Path, PurePosixPath
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -239,6 +241,8 @@ class SourceRead:
     """A changed source file, read, and parsed unless its bytes are the known ones."""
 
     file: SourceFile
+    #: The file's :attr:`digest` when it was last read, if it was.
+    known_hash: str | None
     #: Hash of the bytes read; ``error:`` and the reason if the file could not be read.
     digest: str = ""
     #: The article, if the file was parsed into one.
@@ -258,13 +262,19 @@ def read_and_parse_all(config: Config, root: Path, batch: list[tuple[SourceFile,
     return [parser.read_and_parse(root, file, known, reparse) for file, known in batch]
 
 
-def start_worker(parent: int) -> None:
+def start_worker(parent: int, log_queue: Queue[logging.LogRecord], level: int) -> None:
     """Start of a parsing worker process, whose parent is the process ``parent``.
 
-    Ctrl-C on a terminal reaches the worker too, but its parent decides; and the
-    worker ends with its parent, even one killed (kill -9 tells no one).
+    Its log records go to ``log_queue``, for the parent to log as its own. Ctrl-C
+    on a terminal, and a service manager's SIGTERM, reach the worker too, but its
+    parent decides: it stops handing out work. The worker ends with its parent,
+    even one killed (kill -9 tells no one).
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.SIG_IGN)
+    root = logging.getLogger()
+    root.handlers = [logging.handlers.QueueHandler(log_queue)]
+    root.setLevel(level)
     threading.Thread(target=_end_with, args=(parent,), name="end-with-parent",
                      daemon=True).start()
 
@@ -323,16 +333,18 @@ class SourceParser:
             data = read_source(root / file.path, self._max_bytes, file.path)
         except SourceError as e:
             if isinstance(e.__cause__, FileNotFoundError):
-                return SourceRead(file, deleted=True)
-            return SourceRead(file, f"error:{e.located_reason}", error=e, unreadable=True)
+                return SourceRead(file, known_hash, deleted=True)
+            return SourceRead(file, known_hash, f"error:{e.located_reason}", error=e,
+                              unreadable=True)
         digest = content_hash(data)
         if digest == known_hash and not reparse:
-            return SourceRead(file, digest)
+            return SourceRead(file, known_hash, digest)
         try:
             mtime = datetime.fromtimestamp(file.mtime_ns / 1e9, UTC)
-            return SourceRead(file, digest, article=self.parse(file.path, data, mtime))
+            return SourceRead(file, known_hash, digest,
+                              article=self.parse(file.path, data, mtime))
         except SourceError as e:
-            return SourceRead(file, digest, error=e)
+            return SourceRead(file, known_hash, digest, error=e)
 
     def parse(self, path: str, data: bytes, mtime: datetime) -> Article:
         """Parse one file; ``mtime`` dates an article that has no date.

@@ -7,8 +7,10 @@ stays pending (one attempt, no back-off sleep).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -116,3 +118,39 @@ def make_unlistable_folder(root: Path) -> Path:
     finally:
         os.close(fd)
     return root.joinpath(*[name] * depth)
+
+
+def spawned_children(pid: int) -> set[int]:
+    """The processes ``pid`` started with multiprocessing's spawn (its parsing workers)."""
+    children: set[int] = set()
+    with contextlib.suppress(FileNotFoundError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            children |= {int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text()
+                         .split()}
+    found = set()
+    for child in children:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.add(child)
+    return found
+
+
+def wait_for_workers(pid: int, count: int, ended: Callable[[], object]) -> set[int]:
+    """Wait (30 s at most) until ``pid`` runs ``count`` spawned workers; fail if ``ended()``."""
+    for _ in range(3000):
+        workers = spawned_children(pid)
+        if len(workers) >= count:
+            return workers
+        if ended() is not None:
+            break
+        time.sleep(0.01)
+    pytest.fail(f"process {pid} never ran {count} worker processes")
+
+
+def running(pid: int) -> bool:
+    """Is ``pid`` a process still running (not ended, nor a zombie waiting to be reaped)?"""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 from xml.etree import ElementTree
 
@@ -34,13 +35,15 @@ from feeder.exceptions import FeederError, LockedError, RefreshAbandoned
 from feeder.feeds import article_page_path
 from feeder.output import OutputFolder
 from feeder.refresh import Refresher, RefreshSummary, lock, open_refresher
-from feeder.sources import article_id
+from feeder.sources import SourceRead, article_id
 from feeder.store import Store
 from tests.conftest import (
     SEED_TEXT,
     article_text,
     make_config,
     make_unlistable_folder,
+    running,
+    wait_for_workers,
     write_config_file,
     write_source,
 )
@@ -1019,6 +1022,27 @@ async def test_a_refresh_whose_worker_processes_die_parses_in_its_own_thread(
     assert "parsing the 20 sources left in the refresh's thread" in caplog.text
 
 
+def log_and_parse(*args: Any) -> list[SourceRead]:
+    """A worker process's task that logs a line, then does its work."""
+    logging.getLogger("feeder.sources").warning("worker %d: a batch", os.getpid())
+    return feeder.sources.read_and_parse_all(*args)
+
+
+async def test_what_worker_processes_log_is_logged_as_this_process_logs(
+        config: Config, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    parse_in_workers(monkeypatch)
+    monkeypatch.setattr(feeder.refresh, "read_and_parse_all", log_and_parse)
+    for i in range(6):
+        write_source(config, f"many/{i:03d}.md", dated(f"Many {i}", 1 + i))
+    summary = await refresh(config)
+    assert summary.articles == 6
+    lines = [r.getMessage() for r in caplog.records if r.name == "feeder.sources"]
+    assert len(lines) == 2  # 6 sources, in batches of 3
+    assert all(line.startswith("worker ") and line != f"worker {os.getpid()}: a batch"
+               for line in lines)
+
+
 async def test_temp_files_of_an_unfinished_refresh_are_removed_by_the_next(config: Config) -> None:
     write_source(config, "cls-seed.md", SEED_TEXT)
     await refresh(config)
@@ -1044,24 +1068,6 @@ async def test_temp_files_of_an_unfinished_refresh_are_removed_by_the_next(confi
     assert "New" in titles(config, "all")
 
 
-def children_of(pid: int) -> set[int]:
-    children: set[int] = set()
-    with contextlib.suppress(FileNotFoundError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            children |= {int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text()
-                         .split()}
-    return children
-
-
-def running(pid: int) -> bool:
-    """Is ``pid`` a process still running (not ended, nor a zombie waiting to be reaped)?"""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: no worker processes")
 def test_kill_9_of_a_refresh_leaves_no_worker_process(tmp_path: Path) -> None:
@@ -1070,16 +1076,10 @@ def test_kill_9_of_a_refresh_leaves_no_worker_process(tmp_path: Path) -> None:
     process = subprocess.Popen([sys.executable, "-m", "feeder", "-c", str(config_file), "refresh"],
                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        workers: set[int] = set()
-        for _ in range(600):  # until it has started its workers
-            workers = children_of(process.pid)
-            if workers or process.poll() is not None:
-                break
-            time.sleep(0.01)
+        workers = wait_for_workers(process.pid, 2, process.poll)
     finally:
         process.kill()
         process.wait()
-    assert workers, "the refresh ended before it started worker processes"
     for _ in range(50):
         if not any(map(running, workers)):
             break
