@@ -51,7 +51,7 @@ def _descendants(pid: int) -> list[int]:
     found, stack = [], [pid]
     while stack:
         parent = stack.pop()
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # a process that ended meanwhile
             for task in os.listdir(f"/proc/{parent}/task"):
                 with open(f"/proc/{parent}/task/{task}/children", encoding="ascii") as f:
                     children = [int(child) for child in f.read().split()]
@@ -62,7 +62,7 @@ def _descendants(pid: int) -> list[int]:
 
 class DescendantsRss:
     """Peak of the summed RSS of this process's descendants (the parsing workers and
-    the fork server that starts them), sampled every 10 ms while in a ``with``."""
+    multiprocessing's resource tracker), sampled every 50 ms while in a ``with``."""
 
     def __init__(self) -> None:
         self.peak_mb = 0.0
@@ -70,7 +70,7 @@ class DescendantsRss:
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
-        while not self._stop.wait(0.01):
+        while not self._stop.wait(0.05):
             total = sum(_status_kb(pid, "VmRSS:") for pid in _descendants(os.getpid()))
             self.peak_mb = max(self.peak_mb, total / 1024)
 

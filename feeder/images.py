@@ -304,7 +304,8 @@ class _PublicOnlyResolver(AbstractResolver):
 
 @dataclass
 class _Limits:
-    """Semaphores taken around each attempt, so a queued download's timeout has not started."""
+    """Semaphores taken around each attempt (so a queued download's timeout has not
+    started), and around each write of an image held in memory."""
 
     #: Downloads in flight overall.
     overall: asyncio.Semaphore
@@ -465,15 +466,17 @@ async def _fetch_once(
     """One attempt at ``url``; an image held in memory is written once its connection is free.
 
     A connection kept waiting for the disk would fetch nothing meanwhile: on a busy
-    machine, writing each image before the next download halves the rate.
+    machine, writing each image before the next download halves the rate. (That
+    write is not under ``config.timeout``: a thread's write cannot be interrupted.)
     """
     async with limits.host(host), limits.overall:
         downloaded = await _attempt(session, url, target, config, cache_dir)
+        if not downloaded.chunks:  # streamed to the cache already
+            return downloaded.image
         await limits.writing.acquire()  # a slow disk slows the downloads, not the memory
     try:
-        if downloaded.chunks:
-            await asyncio.to_thread(write_atomically, cache_dir / downloaded.image.name,
-                                    downloaded.chunks)
+        await asyncio.to_thread(write_atomically, cache_dir / downloaded.image.name,
+                                downloaded.chunks)
     except OSError as e:
         raise _write_error(url, e) from e
     finally:

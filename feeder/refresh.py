@@ -244,6 +244,9 @@ class Refresher:
     def abandon(self) -> None:
         """Ask the running refresh to stop at the next file or now, if downloading.
 
+        (Worker processes parsing a cold start first finish the few batches of files
+        they have begun, a fraction of a second.)
+
         Thread-safe. Sources parsed and images downloaded so far are kept (the rest
         wait for the next refresh); feeds already written stay valid, as every write
         is atomic.
