@@ -23,9 +23,8 @@ import threading
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, timezone, tzinfo
-from multiprocessing.queues import Queue
 from pathlib import Path, PurePosixPath
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 import nh3
@@ -38,6 +37,9 @@ from feeder.config import Config, iri_to_uri
 from feeder.exceptions import FeederError, SourceError, printable_path
 from feeder.imagehtml import ImageCollector, absolute_url, allowed_urls, show_lazy_images
 from feeder.types import Article, SourceFile, SourceStats
+
+if TYPE_CHECKING:
+    from multiprocessing.queues import Queue
 
 log = logging.getLogger(__name__)
 
@@ -280,9 +282,9 @@ def start_worker(parent: int, log_queue: Queue[logging.LogRecord], level: int) -
 
 
 def _end_with(parent: int) -> None:
-    never = threading.Event()
+    sleep = threading.Event().wait  # (``time`` is datetime's here)
     while os.getppid() == parent:  # an orphan is adopted by another process
-        never.wait(1)
+        sleep(1)
     os._exit(1)
 
 
