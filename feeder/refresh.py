@@ -86,6 +86,8 @@ _POOL_MIN_SOURCES = 2000
 _MAX_PARSE_WORKERS = 2
 #: Sources in one task sent to a worker process.
 _POOL_BATCH = 100
+#: Seconds a refresh whose workers ended waits for its own stop before it goes on alone.
+_STOP_GRACE = 0.5
 #: Meta key of what an unfinished refresh left to rebuild.
 _PENDING = "pending_build"
 #: Meta key set while a refresh runs: still set at the start of the next one, if killed.
@@ -432,8 +434,10 @@ class Refresher:
                         yield read
                         done += 1
             except (BrokenExecutor, OSError) as e:
-                if self._abandon.is_set():
-                    return  # a service manager stopping us stopped them too
+                # A service manager stops every process of a service at once: the
+                # workers' end may be the first sign of ours.
+                if self._abandon.wait(_STOP_GRACE):
+                    return
                 log.warning("parsing in worker processes failed (%s); parsing the %d sources "
                             "left in the refresh's thread", str(e) or type(e).__name__,
                             len(jobs) - done, exc_info=True)
@@ -443,15 +447,19 @@ class Refresher:
     def _read_and_parse_in_workers(self, root: Path, jobs: list[_Job], reparse: bool,
                                    workers: int) -> Iterator[SourceRead]:
         context = multiprocessing.get_context("spawn")  # no fork of a process with threads
-        log_queue = context.Queue()
-        listener = logging.handlers.QueueListener(log_queue, _AsLogged())
-        pool = ProcessPoolExecutor(
-            workers, mp_context=context, initializer=start_worker,
-            initargs=(os.getpid(), log_queue, logging.getLogger().getEffectiveLevel()))
-        # A few batches ahead of this thread, not all: parsed articles wait in memory.
-        tasks: deque[Future[list[SourceRead]]] = deque()
-        listener.start()
-        try:
+        with contextlib.ExitStack() as stack:  # undone in reverse: pool, listener, queue
+            log_queue = context.Queue()
+            stack.callback(log_queue.close)
+            listener = logging.handlers.QueueListener(log_queue, _AsLogged())
+            listener.start()
+            stack.callback(listener.stop)
+            pool = ProcessPoolExecutor(
+                workers, mp_context=context, initializer=start_worker,
+                initargs=(os.getpid(), log_queue, logging.getLogger().getEffectiveLevel()))
+            # Abandoned, the batches not started yet are dropped.
+            stack.callback(pool.shutdown, cancel_futures=True)
+            # A few batches ahead of this thread, not all: parsed articles wait in memory.
+            tasks: deque[Future[list[SourceRead]]] = deque()
             for start in range(0, len(jobs), _POOL_BATCH):
                 tasks.append(pool.submit(read_and_parse_all, self.config, root,
                                          jobs[start : start + _POOL_BATCH], reparse))
@@ -459,10 +467,6 @@ class Refresher:
                     yield from tasks.popleft().result()
             while tasks:
                 yield from tasks.popleft().result()
-        finally:  # abandoned, the batches not started yet are dropped
-            pool.shutdown(cancel_futures=True)
-            listener.stop()
-            log_queue.close()
 
     def _update_source(self, read: SourceRead, changes: _Changes, reparse: bool) -> None:
         """Store what reading a file whose stat changed gave.
@@ -746,7 +750,9 @@ class _AsLogged(logging.Handler):
     """Logs a record from a worker process as if it were this process's own."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        logging.getLogger(record.name).handle(record)
+        logger = logging.getLogger(record.name)
+        if logger.isEnabledFor(record.levelno):
+            logger.handle(record)
 
 
 def _cpus() -> int:

@@ -268,12 +268,12 @@ def start_worker(parent: int, log_queue: Queue[logging.LogRecord], level: int) -
     """Start of a parsing worker process, whose parent is the process ``parent``.
 
     Its log records go to ``log_queue``, for the parent to log as its own. Ctrl-C
-    on a terminal, and a service manager's SIGTERM, reach the worker too, but its
-    parent decides: it stops handing out work. The worker ends with its parent,
-    even one killed (kill -9 tells no one).
+    on a terminal reaches the worker too, but its parent decides: it stops handing
+    out work. (SIGTERM still ends it: that is how a pool ends a worker that another's
+    death left working.) The worker ends with its parent, even one killed (kill -9
+    tells no one).
     """
-    for stop in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(stop, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     root = logging.getLogger()
     root.handlers = [logging.handlers.QueueHandler(log_queue)]
     root.setLevel(level)

@@ -896,13 +896,6 @@ async def test_sigterm_during_a_cold_start_refresh_exits_0(start_daemon: StartDa
     assert assert_feeds_parse(daemon.feeds) >= 6  # all/ and at least a category
 
 
-def started(worker: int) -> bool:
-    """Has a parsing worker process set itself up (it ignores SIGTERM from then on)?"""
-    status = Path(f"/proc/{worker}/status").read_text()
-    ignored = int(status.split("SigIgn:")[1].split()[0], 16)
-    return bool(ignored & 1 << (signal.SIGTERM - 1))
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: no worker processes")
 async def test_sigterm_to_the_daemon_and_its_workers_exits_0_quietly(start_daemon: StartDaemon):
@@ -910,13 +903,10 @@ async def test_sigterm_to_the_daemon_and_its_workers_exits_0_quietly(start_daemo
     daemon = await start_daemon(
         ready=False, prepare=lambda root: generate_articles(root / "sources", 3000))
     workers = await asyncio.to_thread(wait_for_workers, daemon.proc.pid, 2, daemon.proc.poll)
-    for _ in range(3000):  # until both have set themselves up
-        if all(map(started, workers)):
-            break
-        await asyncio.sleep(0.01)
-    for worker in workers:
-        os.kill(worker, signal.SIGTERM)
-    await asyncio.sleep(0.5)  # the workers' parent finds them dead by then, if they are
+    for worker in workers:  # the workers first: the daemon must not take it for a failure
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGTERM)
+    await asyncio.sleep(0.2)  # a signal may take that long to reach the daemon's loop
     assert await daemon.sigterm() == 0
     assert "worker processes failed" not in daemon.log()
     assert "Traceback" not in daemon.log()

@@ -1022,6 +1022,28 @@ async def test_a_refresh_whose_worker_processes_die_parses_in_its_own_thread(
     assert "parsing the 20 sources left in the refresh's thread" in caplog.text
 
 
+def die_or_dawdle(config: Config, root: Path, batch: list[Any], reparse: bool
+                  ) -> list[SourceRead]:
+    """A worker's task: one batch kills its worker, the others take their time."""
+    if any(file.path == "many/000.md" for file, _ in batch):
+        os._exit(9)
+    time.sleep(1)
+    return feeder.sources.read_and_parse_all(config, root, batch, reparse)
+
+
+async def test_a_worker_that_dies_while_the_other_works_does_not_hang_the_refresh(
+        config: Config, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    parse_in_workers(monkeypatch)
+    monkeypatch.setattr(feeder.refresh, "read_and_parse_all", die_or_dawdle)
+    for i in range(12):  # several KB each: a batch's answer fills a pipe
+        write_source(config, f"many/{i:03d}.md", dated(f"Many {i}", 1 + i) + "x" * 30_000)
+    summary = await asyncio.wait_for(refresh(config), 60)
+    assert (summary.articles, summary.failed) == (12, 0)
+    assert "sources left in the refresh's thread" in caplog.text
+    assert not multiprocessing.active_children()
+
+
 def log_and_parse(*args: Any) -> list[SourceRead]:
     """A worker process's task that logs a line, then does its work."""
     logging.getLogger("feeder.sources").warning("worker %d: a batch", os.getpid())
