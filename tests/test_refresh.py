@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -1008,20 +1008,6 @@ def die(*args: object) -> None:
     os._exit(9)
 
 
-async def test_a_refresh_whose_worker_processes_die_parses_in_its_own_thread(
-        config: Config, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    parse_in_workers(monkeypatch)
-    monkeypatch.setattr(feeder.refresh, "read_and_parse_all", die)
-    for i in range(20):
-        write_source(config, f"many/{i:03d}.md", dated(f"Many {i}", 1 + i))
-    summary = await refresh(config)
-    assert (summary.articles, summary.failed) == (20, 0)
-    assert len(titles(config, "all")) == 20
-    assert "parsing in worker processes failed" in caplog.text
-    assert "parsing the 20 sources left in the refresh's thread" in caplog.text
-
-
 def die_or_dawdle(config: Config, root: Path, batch: list[Any], reparse: bool
                   ) -> list[SourceRead]:
     """A worker's task: one batch kills its worker, the others take their time."""
@@ -1031,16 +1017,22 @@ def die_or_dawdle(config: Config, root: Path, batch: list[Any], reparse: bool
     return feeder.sources.read_and_parse_all(config, root, batch, reparse)
 
 
-async def test_a_worker_that_dies_while_the_other_works_does_not_hang_the_refresh(
-        config: Config, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+@pytest.mark.parametrize(("task", "left"), [
+    (die, "parsing the 12 sources left in the refresh's thread"),
+    (die_or_dawdle, "sources left in the refresh's thread"),  # ignoring SIGTERM hung this
+], ids=["all-die", "one-dies-while-the-other-works"])
+async def test_a_refresh_whose_worker_processes_die_parses_the_rest_in_its_own_thread(
+        config: Config, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        task: Callable[..., list[SourceRead]], left: str) -> None:
     parse_in_workers(monkeypatch)
-    monkeypatch.setattr(feeder.refresh, "read_and_parse_all", die_or_dawdle)
+    monkeypatch.setattr(feeder.refresh, "read_and_parse_all", task)
     for i in range(12):  # several KB each: a batch's answer fills a pipe
         write_source(config, f"many/{i:03d}.md", dated(f"Many {i}", 1 + i) + "x" * 30_000)
     summary = await asyncio.wait_for(refresh(config), 60)
     assert (summary.articles, summary.failed) == (12, 0)
-    assert "sources left in the refresh's thread" in caplog.text
+    assert len(titles(config, "all")) == 12
+    assert "parsing in worker processes failed" in caplog.text
+    assert left in caplog.text
     assert not multiprocessing.active_children()
 
 
