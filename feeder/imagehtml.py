@@ -214,7 +214,6 @@ def is_allowed_by(url: str, hosts: frozenset[str]) -> bool:
     return is_absolute_http(url) and url_host(url) in hosts
 
 
-
 def url_host(url: str) -> str | None:
     """The host of an absolute URL, lowercased, without a trailing dot."""
     if match := _PLAIN_HTTP_URL.match(url):
