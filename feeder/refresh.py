@@ -62,6 +62,7 @@ from feeder.output import TEMP_SUFFIXES, OutputFolder, folder_names, remove_temp
 from feeder.sources import (
     MISNAMED,
     PARSER_VERSION,
+    SourceJob,
     SourceParser,
     SourceRead,
     article_id,
@@ -74,8 +75,6 @@ from feeder.types import CachedImageInfo, SourceFile, SourceStats
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
-#: A changed source to read and parse, with the hash of its bytes when it last parsed.
-_Job = tuple[SourceFile, str | None]
 #: Sources parsed per commit.
 _PARSE_BATCH = 500
 #: Fewer changed sources than this are parsed in the refresh's own thread: starting
@@ -415,7 +414,7 @@ class Refresher:
         if removed:
             log.info("removed %d temp files an unfinished refresh left", removed)
 
-    def _read_and_parse(self, root: Path, jobs: list[_Job], reparse: bool
+    def _read_and_parse(self, root: Path, jobs: list[SourceJob], reparse: bool
                         ) -> Iterator[SourceRead]:
         """What reading and parsing each ``(file, known hash)`` of ``jobs`` gave, in order.
 
@@ -444,7 +443,7 @@ class Refresher:
         for file, known_hash in jobs[done:]:
             yield self.parser.read_and_parse(root, file, known_hash, reparse)
 
-    def _read_and_parse_in_workers(self, root: Path, jobs: list[_Job], reparse: bool,
+    def _read_and_parse_in_workers(self, root: Path, jobs: list[SourceJob], reparse: bool,
                                    workers: int) -> Iterator[SourceRead]:
         context = multiprocessing.get_context("spawn")  # no fork of a process with threads
         with contextlib.ExitStack() as stack:  # undone in reverse: pool, listener, queue
@@ -661,11 +660,18 @@ class Refresher:
         self._note_pages_state(pages_seen, pages_known, wrote_pages)
         return written
 
+    def _pages(self) -> tuple[dict[str, str], set[str]]:
+        """The page of each stored article (to its source path), and the pages there are."""
+        wanted = {article_page_path(article_id(path)): path
+                  for path in self.store.article_paths()}
+        present = {f"{ARTICLES_FOLDER}/{name}" for name in self.output.list_folder(ARTICLES_FOLDER)
+                   if name.endswith(".html") and not name.startswith(".")}
+        return wanted, present
+
     def _paths_without_page(self) -> set[str]:
         """Stored articles whose page is missing (deleted by hand, with its folder or not)."""
-        present = {f"{ARTICLES_FOLDER}/{name}" for name in self.output.list_folder(ARTICLES_FOLDER)}
-        return {path for path in self.store.article_paths()
-                if article_page_path(article_id(path)) not in present}
+        wanted, present = self._pages()
+        return {path for page, path in wanted.items() if page not in present}
 
     def _note_pages_state(self, seen: str, known: str | None, wrote: bool) -> None:
         """Remember the pages folder's state as seen before this build, if it can be trusted.
@@ -684,13 +690,8 @@ class Refresher:
     def _remove_stray_pages(self) -> int:
         """Delete the pages of no stored article: a state database rebuilt after their
         source was deleted knows nothing of them. The number deleted."""
-        wanted = {article_page_path(article_id(path)) for path in self.store.article_paths()}
-        removed = 0
-        for name in self.output.list_folder(ARTICLES_FOLDER):
-            page = f"{ARTICLES_FOLDER}/{name}"
-            if name.endswith(".html") and not name.startswith(".") and page not in wanted:
-                removed += self.output.remove(page)
-        return removed
+        wanted, present = self._pages()
+        return sum(self.output.remove(page) for page in sorted(present - wanted.keys()))
 
     def _plan_build(self, changes: _Changes, stale: list[FeedInfo], everything: bool) -> None:
         """Record, before the first file is written, what this build is about to rewrite.

@@ -257,7 +257,11 @@ class SourceRead:
     deleted: bool = False
 
 
-def read_and_parse_all(config: Config, root: Path, batch: list[tuple[SourceFile, str | None]],
+#: A changed source to read and parse, with the hash of its bytes when it last parsed.
+SourceJob = tuple[SourceFile, str | None]
+
+
+def read_and_parse_all(config: Config, root: Path, batch: list[SourceJob],
                        reparse: bool) -> list[SourceRead]:
     """:meth:`SourceParser.read_and_parse` for each ``(file, known hash)``: a worker's task."""
     parser = SourceParser(config)  # a fraction of a millisecond: nothing to keep between tasks
