@@ -221,6 +221,26 @@ async def test_an_image_the_cache_cannot_take_fails_naming_why(server, cache, si
     assert isinstance(after, FailedImage)  # 404: the next download goes on
 
 
+async def test_many_images_at_once_each_written_or_failing_alone(server, cache):
+    # Images arriving together are written together: one the cache cannot take
+    # fails alone, and every other is cached whole.
+    bodies = {f"{ORIGIN}/images/{i}.png": png_of_size(1000 + i) for i in range(60)}
+    for url, body in bodies.items():
+        server.route(url.removeprefix(ORIGIN), image(body))
+    refused = list(bodies)[::7]
+    for url in refused:
+        (cache / cache_name(url, ".png") / "x").mkdir(parents=True)
+    results = await fetch_images(bodies, config_for(server, attempts=1, concurrency=16), cache)
+    assert [r.url for r in results] == list(bodies)
+    for result in results:
+        if result.url in refused:
+            assert result == FailedImage(result.url, "cannot write to the cache: Is a directory",
+                                         False, None)
+        else:
+            assert (cache / result.name).read_bytes() == bodies[result.url]
+    assert not [name for name in files(cache) if name.startswith(".")]  # no temp file left
+
+
 async def test_html_page_with_status_200_is_not_an_image(server, cache):
     server.route("/images/a.png", image(HTML_PAGE, "text/html"))
     result = await fetch_one(f"{ORIGIN}/images/a.png", config_for(server), cache)
