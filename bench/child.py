@@ -231,9 +231,9 @@ async def images(args: dict[str, Any]) -> dict[str, Any]:
 async def bare_images(args: dict[str, Any]) -> dict[str, Any]:
     """The same requests with a plain aiohttp session, bodies read and dropped: no disk.
 
-    With ``write``, each body is written to a new file in a thread instead, once its
-    connection is free, with feeder's own atomic write (temp file, then rename) and
-    none of its checks: what creating the files costs this machine.
+    With ``write``, each body is written to a new file instead, once its connection
+    is free, with feeder's own atomic write (temp file, then rename) and none of its
+    checks, in a hand-off to a thread of its own: the simple way (feeder batches them).
     """
     import aiohttp
 

@@ -633,9 +633,8 @@ class Refresher:
             self._check_abandoned()
             written += self._write_feed(feed, shown)
             progress.advance("write")
-        for path in sorted(changes.pages | changes.removed_pages):
+        for path, article in self.store.articles(sorted(changes.pages | changes.removed_pages)):
             self._check_abandoned()
-            article = self.store.article(path)
             if article is None:  # deleted, or refused, since a refresh marked it
                 written += self.output.remove(article_page_path(article_id(path)))
             else:

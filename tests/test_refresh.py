@@ -1197,3 +1197,27 @@ async def test_after_interrupted_refreshes_the_output_is_what_a_fresh_build_give
     shutil.copytree(config.paths.sources, fresh.paths.sources)
     await refresh(fresh)
     assert contents(config.paths.feeds) == contents(fresh.paths.feeds)
+
+
+async def test_pages_of_over_a_thousand_changed_sources_are_each_their_own(
+        config: Config) -> None:
+    # Pages are built from articles loaded hundreds at a time: each page must still
+    # show its own article, and a source deleted among them lose its page.
+    write_corpus(config, 1200)
+    await refresh(config)
+    gone = [f"d{i % 10}/a{i:04d}.md" for i in range(0, 1200, 98)]
+    for path in gone:
+        (config.paths.sources / path).unlink()
+    for i in range(1, 1200, 2):
+        write_source(config, f"d{i % 10}/a{i:04d}.md", article_text(f"Edited {i}"))
+    summary = await refresh(config)
+    assert summary.articles == 1200 - len(gone)
+    pages = config.paths.feeds / "articles"
+    for i in range(1200):
+        path = f"d{i % 10}/a{i:04d}.md"
+        page = pages / f"{article_id(path)}.html"
+        if path in gone:
+            assert not page.exists(), path
+        else:
+            title = f"Edited {i}" if i % 2 else f"Article {i}"
+            assert f"<h1>{title}</h1>" in page.read_text(encoding="utf-8"), path
