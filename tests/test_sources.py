@@ -526,6 +526,14 @@ def test_summary_is_the_opening_of_the_body_text(parser: SourceParser, pieces: i
         assert article.summary == summary_of(normalized_text(article.content)), markup
 
 
+def test_summary_leaves_out_attributes_holding_angle_brackets_and_quotes(
+        parser: SourceParser) -> None:
+    body = ("""<p><img alt='a > b "c" <d>' src="https://img.cls.cn/x.png">One """
+            """<a href="https://ok.example/?q=<x>" title="1 > 0">two</a> &lt;three&gt;</p>""")
+    article = parse(parser, front("title: t", body), "page.html")
+    assert article.summary == normalized_text(article.content) == "One two <three>"
+
+
 def test_summary_window_cut_inside_a_character_reference(parser: SourceParser) -> None:
     # A reference the window cuts reads as its raw characters ("&nb"), not as the one
     # it stands for (a no-break space, a word gap in a summary): that must not show.
