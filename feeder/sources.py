@@ -81,6 +81,8 @@ _WRITTEN_TAG = re.compile(r'<[^>"]*(?:"[^"]*"[^>"]*)*>')
 #: The end of an RFC 822 date whose zone is an offset with a colon, or that has no zone.
 _COLON_OFFSET = re.compile(r"\s([+-])(\d\d):(\d\d)$")
 _ENDS_WITH_TIME = re.compile(r"\s\d\d?:\d\d(?::\d\d)?$")
+#: The year of an RFC 822 date, written with 4 digits (a day or a time has fewer).
+_FOUR_DIGIT_YEAR = re.compile(r"(?<![\d:+-])(\d{4})(?![\d:])")
 #: Bodies nested deeper are refused: nh3's time grows with the square of the depth
 #: (100,000 nested <div>s: minutes), and articles nest a few dozen deep.
 MAX_DEPTH = 1000
@@ -504,7 +506,7 @@ class SourceParser:
 
 #: Bump when the same file and settings give another article (rendering, sanitizing):
 #: the next refresh parses every source again.
-PARSER_VERSION = 4
+PARSER_VERSION = 5
 
 
 def markdown_renderer() -> MarkdownIt:
@@ -567,6 +569,8 @@ def parse_date(value: Any, tz: tzinfo) -> datetime | None:
     """RFC 822, ISO 8601, Hexo's ``2022-03-30 11:17:49`` or a YAML timestamp.
 
     A date with no offset is in ``tz``. Returns None when ``value`` is not a date.
+    The result is in UTC, unless it lies at the very edge of what Python's dates
+    hold (year 1, or 9999), where its own zone is kept.
     """
     if isinstance(value, datetime):
         parsed = value
@@ -584,6 +588,12 @@ def parse_date(value: Any, tz: tzinfo) -> datetime | None:
                 return None
             if parsed.tzinfo is None:  # a zone the email module did not take, or none
                 parsed = parsed.replace(tzinfo=_rfc822_zone(text, tz))
+            # It reads years below 100 as 19xx or 20xx, as RFC 5322 asks of 2 digits.
+            year = _FOUR_DIGIT_YEAR.search(text)
+            if year and int(year[1]) != parsed.year:
+                if int(year[1]) < 1:
+                    return None
+                parsed = parsed.replace(year=int(year[1]))
     else:
         return None
     if parsed.tzinfo is None:
@@ -591,7 +601,7 @@ def parse_date(value: Any, tz: tzinfo) -> datetime | None:
     try:
         return parsed.astimezone(UTC)
     except OverflowError:  # 0001-01-01 in a time zone east of UTC
-        return None
+        return parsed
 
 
 def _rfc822_zone(text: str, tz: tzinfo) -> tzinfo:
