@@ -302,19 +302,23 @@ class _PublicOnlyResolver(AbstractResolver):
         await self._resolver.close()
 
 
+#: An image to write: where, its bytes, and the future its download waits on.
+_QueuedWrite = tuple[Path, tuple[bytes, ...], asyncio.Future[None]]
+
+
 class _CacheWriter:
     """Writes images held in memory to the cache, a batch at a time, in one thread.
 
     A hand-off to a thread for each image cost a third of the download rate; a batch
-    of whatever arrived meanwhile costs one hand-off. One batch is written
-    at a time, by one thread, so two writes of a name never race (see
+    of whatever arrived meanwhile costs one hand-off. One batch is written at a
+    time, by one thread, so two writes of a name never race (see
     :func:`~feeder.output.write_atomically`).
     """
 
     def __init__(self, capacity: int) -> None:
         #: Images waiting for (or being) written: it bounds the memory they hold.
         self._room = asyncio.Semaphore(capacity)
-        self._queue: list[tuple[Path, tuple[bytes, ...], asyncio.Future[None]]] = []
+        self._queue: list[_QueuedWrite] = []
         self._draining: asyncio.Task[None] | None = None
 
     async def reserve(self) -> None:
@@ -338,7 +342,7 @@ class _CacheWriter:
             await asyncio.shield(self._draining)
 
     async def _drain(self) -> None:
-        batch: list[tuple[Path, tuple[bytes, ...], asyncio.Future[None]]] = []
+        batch: list[_QueuedWrite] = []
         try:
             while self._queue:
                 # Writes whose download was cancelled meanwhile are dropped.
@@ -352,11 +356,24 @@ class _CacheWriter:
                         future.set_result(None)
                     else:
                         future.set_exception(error)
+        except asyncio.CancelledError:  # its loop is closing
+            self._fail_waiting(batch, None)
+            raise
+        except Exception as e:  # no thread to write in (the interpreter is ending)
+            self._fail_waiting(batch, e)
         finally:
             self._draining = None
-            for _target, _chunks, future in batch + self._queue:  # cancelled itself
+
+    def _fail_waiting(self, batch: list[_QueuedWrite], error: Exception | None) -> None:
+        """Let every write still waiting know it failed (None: was cancelled)."""
+        for _target, _chunks, future in batch + self._queue:
+            if future.done():
+                continue
+            if error is None:
                 future.cancel()
-            self._queue = []
+            else:
+                future.set_exception(error)
+        self._queue = []
 
 
 def _write_batch(batch: list[tuple[Path, tuple[bytes, ...]]]) -> list[Exception | None]:
@@ -461,8 +478,10 @@ async def fetch_images(
                     if not task.cancelled():
                         task.result()  # a bug in a download is raised, not hidden
         finally:
-            await writer.close()
-            await resolver.close()
+            try:
+                await writer.close()
+            finally:
+                await resolver.close()
         for url, failure in failed_attempts.items():
             if url not in finished:  # cut short in its backoff or its next attempt
                 report(failure)

@@ -81,8 +81,8 @@ _WRITTEN_TAG = re.compile(r'<[^>"]*(?:"[^"]*"[^>"]*)*>')
 #: The end of an RFC 822 date whose zone is an offset with a colon, or that has no zone.
 _COLON_OFFSET = re.compile(r"\s([+-])(\d\d):(\d\d)$")
 _ENDS_WITH_TIME = re.compile(r"\s\d\d?:\d\d(?::\d\d)?$")
-#: The year of an RFC 822 date, written with 4 digits (a day or a time has fewer).
-_FOUR_DIGIT_YEAR = re.compile(r"(?<![\d:+-])(\d{4})(?![\d:])")
+#: The year of an RFC 822 (or RFC 850) date, after its day and month, in 4 digits.
+_FOUR_DIGIT_YEAR = re.compile(r"^(?:[A-Za-z]+,?\s*)?\d{1,2}[\s-]+[A-Za-z]+[\s-]+(\d{4})\s")
 #: Bodies nested deeper are refused: nh3's time grows with the square of the depth
 #: (100,000 nested <div>s: minutes), and articles nest a few dozen deep.
 MAX_DEPTH = 1000
@@ -589,11 +589,12 @@ def parse_date(value: Any, tz: tzinfo) -> datetime | None:
             if parsed.tzinfo is None:  # a zone the email module did not take, or none
                 parsed = parsed.replace(tzinfo=_rfc822_zone(text, tz))
             # It reads years below 100 as 19xx or 20xx, as RFC 5322 asks of 2 digits.
-            year = _FOUR_DIGIT_YEAR.search(text)
-            if year and int(year[1]) != parsed.year:
-                if int(year[1]) < 1:
+            year = _FOUR_DIGIT_YEAR.match(text)
+            if year and int(year[1]) < 100:
+                try:
+                    parsed = parsed.replace(year=int(year[1]))
+                except ValueError:  # year 0
                     return None
-                parsed = parsed.replace(year=int(year[1]))
     else:
         return None
     if parsed.tzinfo is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import html as html_lib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -239,6 +240,34 @@ async def test_many_images_at_once_each_written_or_failing_alone(server, cache):
         else:
             assert (cache / result.name).read_bytes() == bodies[result.url]
     assert not [name for name in files(cache) if name.startswith(".")]  # no temp file left
+
+
+class RefusingAfter(ThreadPoolExecutor):
+    """An executor that takes ``count`` jobs, then refuses, as one shut down does."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(1)
+        self.count = count
+
+    def submit(self, *args, **kwargs):
+        self.count -= 1
+        if self.count < 0:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        return super().submit(*args, **kwargs)
+
+
+async def test_writes_with_no_thread_to_run_in_fail_loudly(server, cache):
+    url = f"{ORIGIN}/images/a.png"
+    server.route("/images/a.png", image(PNG + bytes(100)))
+    loop = asyncio.get_running_loop()
+    # Making the cache folder, checking the URLs, listing the cache: then the write.
+    loop.set_default_executor(executor := RefusingAfter(3))
+    try:
+        with pytest.raises(RuntimeError, match="after shutdown"):
+            await fetch_images([url], config_for(server), cache)
+    finally:
+        executor.shutdown()
+    assert files(cache) == []
 
 
 async def test_html_page_with_status_200_is_not_an_image(server, cache):
