@@ -218,19 +218,22 @@ def status(loader: _ConfigLoader) -> None:
             state = "refreshing" if daemon["refreshing"] else "idle"
             click.echo(f"daemon: running (pid {daemon['pid']}, since {daemon['started']}), "
                        f"{state}")
-            if not daemon["ok"]:  # failed refreshes leave nothing in the store
+            if not daemon["ok"]:  # whether or not the store could record it
                 click.echo(f"last refresh {daemon['last_refresh']}: failed: "
                            f"{daemon['last_result']}")
         store = Store.open(config.database)
         try:
-            _print_status(store)
+            _print_status(store, failure_shown=daemon is not None and not daemon["ok"])
         finally:
             store.close()
 
 
-def _print_status(store: Store) -> None:
-    from feeder.refresh import RefreshSummary
+def _print_status(store: Store, failure_shown: bool) -> None:
+    from feeder.refresh import RefreshSummary, last_failure
 
+    failure = last_failure(store)
+    if failure is not None and not failure_shown:
+        click.echo(f"last refresh {failure[0]}: failed: {failure[1]}")
     refreshes = store.last_refreshes()
     if not refreshes:
         click.echo("never refreshed")

@@ -34,6 +34,7 @@ from feeder.exceptions import (
     LockedError,
     RefreshAbandoned,
     SourceError,
+    known_error,
     printable_path,
 )
 from feeder.feeds import (
@@ -91,6 +92,8 @@ _STOP_GRACE = 0.5
 _PENDING = "pending_build"
 #: Meta key set while a refresh runs: still set at the start of the next one, if killed.
 _RUNNING = "refresh_running"
+#: Meta key of when the last refresh failed and why, until one succeeds.
+_FAILED = "last_failure"
 #: Meta key of what, besides articles and images, the feeds were last built from.
 _FINGERPRINT = "fingerprint"
 #: Meta key of the settings the stored articles were parsed with.
@@ -273,12 +276,28 @@ class Refresher:
         self._abandon.clear()
         started = time.perf_counter()
         now = now or datetime.now(UTC)
-        # Each stage is one trip to a worker thread: a no-op refresh is a few ms in all.
-        scanned, changes, due = await self._in_thread(self._update_sources, progress, now)
-        fetched, failed = await self._update_images(due, changes, now, progress)
-        return await self._in_thread(
-            self._finish, scanned, changes, fetched, failed, progress, started, now
-        )
+        try:
+            # Each stage is one trip to a worker thread: a no-op refresh is a few ms in all.
+            scanned, changes, due = await self._in_thread(self._update_sources, progress, now)
+            fetched, failed = await self._update_images(due, changes, now, progress)
+            return await self._in_thread(
+                self._finish, scanned, changes, fetched, failed, progress, started, now
+            )
+        except RefreshAbandoned:
+            raise
+        except Exception as e:
+            await self._in_thread(self._note_failure, e)
+            raise
+
+    def _note_failure(self, error: Exception) -> None:
+        """Remember why this refresh failed, for ``feeder status``, until one succeeds."""
+        reason = known_error(error, self.config) or f"{type(error).__name__}: {error}"
+        failure = {"finished": datetime.now(UTC).isoformat(), "error": str(reason)}
+        try:
+            with self.store.transaction():
+                self.store.set_meta(_FAILED, json.dumps(failure, ensure_ascii=False))
+        except Exception:  # the store may be what failed: the error is raised all the same
+            log.debug("cannot record the failed refresh", exc_info=True)
 
     async def _in_thread(self, stage: Callable[..., _T], *args: Any) -> _T:
         """Run a stage in a worker thread, to keep the event loop free.
@@ -319,6 +338,7 @@ class Refresher:
         with self.store.transaction():
             self.store.log_refresh(now, datetime.now(UTC), summary.to_dict())
             self.store.delete_meta(_RUNNING)
+            self.store.delete_meta(_FAILED)
         return summary
 
     def _tally(self, changed: bool) -> RefreshSummary:
@@ -874,6 +894,15 @@ def collect_garbage(config: Config, store: Store) -> tuple[int, int, int]:
         file.unlink()
         removed += 1
     return removed, freed, kept
+
+
+def last_failure(store: Store) -> tuple[str, str] | None:
+    """When the last refresh failed (ISO 8601), and why, if none succeeded since."""
+    text = store.get_meta(_FAILED)
+    if text is None:
+        return None
+    failure = json.loads(text)
+    return failure["finished"], failure["error"]
 
 
 @contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import socket
 import sqlite3
 from datetime import UTC, datetime
@@ -507,3 +508,24 @@ def test_gc_keeps_referenced_images(config_file: Path, config: Config) -> None:
     result = run(config_file, "gc")
     assert result.stdout.strip() == "1 cached images removed, 16 bytes freed, 0 kept"
     assert list(cache.iterdir()) == []
+
+
+def test_status_says_why_the_last_refresh_failed_until_one_succeeds(config_file: Path,
+                                                                     config: Config) -> None:
+    write_all(config, GOOD)
+    assert run(config_file, "refresh").exit_code == 0
+    pages = config.paths.feeds / "articles"
+    shutil.rmtree(pages)
+    pages.write_text("not a folder of pages\n")
+    write_source(config, "new.md", "---\ntitle: New\ndate: 2022-03-31\n---\nx\n")
+    failed = CliRunner().invoke(cli, ["-c", str(config_file), "refresh"])
+    assert failed.exit_code == 1
+    error = lines(failed.output)[-1].removeprefix("Error: ")
+    assert str(pages) in error
+    out = lines(run(config_file, "status").stdout)
+    assert out[1].startswith("last refresh ")
+    assert out[1].endswith(f": failed: {error}")
+    assert out[2].startswith("refresh ")  # the last that succeeded
+    pages.unlink()
+    assert run(config_file, "refresh").exit_code == 0
+    assert ": failed: " not in run(config_file, "status").stdout
