@@ -270,7 +270,8 @@ class Refresher:
                       now: datetime | None = None) -> RefreshSummary:
         """One full refresh. Callers make sure only one runs at a time (see :func:`lock`).
 
-        ``now`` decides which failed images are due for another attempt.
+        ``now`` decides which failed images are due for another attempt. A refresh
+        that fails is raised, and remembered until one succeeds (:func:`last_failure`).
         """
         progress = progress or NoProgress()
         self._abandon.clear()
