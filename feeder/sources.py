@@ -601,7 +601,7 @@ def parse_date(value: Any, tz: tzinfo) -> datetime | None:
         parsed = parsed.replace(tzinfo=tz)
     try:
         return parsed.astimezone(UTC)
-    except OverflowError:  # 0001-01-01 in a time zone east of UTC
+    except OverflowError:  # year 1 east of UTC, or 9999 west of it: refused by its year
         return parsed
 
 
