@@ -30,6 +30,7 @@ from feeder.exceptions import (
     FeederError,
     LockedError,
     RefreshAbandoned,
+    failure_reason,
     known_error,
 )
 from feeder.refresh import FileLock, Refresher, RefreshSummary, open_refresher, refresh_lock
@@ -215,12 +216,12 @@ class Daemon:
         file, a damaged state database) is one line naming it; anything else is a
         bug, logged with its traceback.
         """
-        known = known_error(error, self.config)
-        if known is None:
+        reason = failure_reason(error, self.config)
+        if known_error(error, self.config) is None:
             log.error("refresh failed", exc_info=error)
-            return str(error)
-        log.error("refresh failed: %s", known)
-        return str(known)
+        else:
+            log.error("refresh failed: %s", reason)
+        return reason
 
     async def _acquire_lock(self) -> None:
         """Wait for the refresh lock without parking a thread in flock(): cancellable."""

@@ -116,6 +116,12 @@ def known_error(error: Exception, config: Config) -> FeederError | None:
     return None
 
 
+def failure_reason(error: Exception, config: Config) -> str:
+    """Why ``error`` failed a refresh, in one line: :func:`known_error`'s line, or for a
+    bug its message (logged with its traceback by whoever caught it)."""
+    return str(known_error(error, config) or error)
+
+
 def path_error(error: OSError, config: Config) -> PathError | None:
     """``error`` as a :class:`PathError` if it is about a file the user controls, else None.
 

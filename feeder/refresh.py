@@ -34,7 +34,7 @@ from feeder.exceptions import (
     LockedError,
     RefreshAbandoned,
     SourceError,
-    known_error,
+    failure_reason,
     printable_path,
 )
 from feeder.feeds import (
@@ -292,8 +292,8 @@ class Refresher:
 
     def _note_failure(self, error: Exception) -> None:
         """Remember why this refresh failed, for ``feeder status``, until one succeeds."""
-        reason = known_error(error, self.config) or f"{type(error).__name__}: {error}"
-        failure = {"finished": datetime.now(UTC).isoformat(), "error": str(reason)}
+        failure = {"finished": datetime.now(UTC).isoformat(),
+                   "error": failure_reason(error, self.config)}
         try:
             with self.store.transaction():
                 self.store.set_meta(_FAILED, json.dumps(failure, ensure_ascii=False))
