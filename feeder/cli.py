@@ -221,11 +221,23 @@ def status(loader: _ConfigLoader) -> None:
             if not daemon["ok"]:  # whether or not the store could record it
                 click.echo(f"last refresh {daemon['last_refresh']}: failed: "
                            f"{daemon['last_result']}")
+        if _no_database_yet(config):  # looking creates nothing
+            click.echo("never refreshed")
+            return
         store = Store.open(config.database)
         try:
             _print_status(store, failure_shown=daemon is not None and not daemon["ok"])
         finally:
             store.close()
+
+
+def _no_database_yet(config: Config) -> bool:
+    """Whether no refresh has made the state database yet.
+
+    A state path that is not a folder is left for :meth:`Store.open` to name.
+    """
+    state = config.paths.state
+    return not state.exists() or (state.is_dir() and not config.database.exists())
 
 
 def _print_status(store: Store, failure_shown: bool) -> None:

@@ -312,10 +312,11 @@ def test_a_state_folder_that_is_a_file_is_named(config_file: Path, config: Confi
 # -- status -----------------------------------------------------------------------------
 
 
-def test_status_before_any_refresh(config_file: Path) -> None:
+def test_status_before_any_refresh_creates_nothing(config_file: Path, config: Config) -> None:
     result = run(config_file, "status")
     assert result.exit_code == 0
-    assert "never refreshed" in result.stdout
+    assert result.stdout == "daemon: not running\nnever refreshed\n"
+    assert not config.paths.state.exists()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root connects whatever the socket's mode")
