@@ -117,9 +117,15 @@ def known_error(error: Exception, config: Config) -> FeederError | None:
 
 
 def failure_reason(error: Exception, config: Config) -> str:
-    """Why ``error`` failed a refresh, in one line: :func:`known_error`'s line, or for a
-    bug its message (logged with its traceback by whoever caught it)."""
-    return str(known_error(error, config) or error)
+    """Why ``error`` failed a refresh, in one line.
+
+    :func:`known_error`'s line; or for a bug (logged with its traceback by whoever
+    caught it) its type and message, as a traceback ends: ``KeyError: 'title'``.
+    """
+    known = known_error(error, config)
+    if known is not None:
+        return str(known)
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 def path_error(error: OSError, config: Config) -> PathError | None:

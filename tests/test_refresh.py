@@ -354,6 +354,22 @@ async def test_a_folder_that_cannot_be_listed_fails_the_refresh_and_loses_nothin
     assert (await refresh(config)).changed == 0  # the failed refresh changed nothing
 
 
+async def test_a_refresh_failed_by_a_bug_is_remembered_by_the_kind_of_error(
+        config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_source(config, "a.md", SEED_TEXT)
+
+    def bug(*args: Any) -> None:
+        raise AssertionError  # no message: its kind is all a user can be told
+
+    monkeypatch.setattr(feeder.refresh, "build_feed", bug)
+    with pytest.raises(AssertionError), open_refresher(config) as refresher:
+        await refresher.refresh()
+    with open_refresher(config) as refresher:
+        failure = feeder.refresh.last_failure(refresher.store)
+    assert failure is not None
+    assert failure[1] == "AssertionError"
+
+
 async def test_a_missing_sources_folder_fails_the_refresh_and_unpublishes_nothing(
         config: Config) -> None:
     write_source(config, "a.md", dated("A1", 1), mtime=T0)
