@@ -270,12 +270,11 @@ class CachedFile:
         )
         current = self.gzip_etag if use_gzip else self.etag
         if (tags := request.if_none_match) is not None:
-            for tag in tags:  # weak comparison: W/"x" matches "x"
-                if tag.value == "*":
-                    return self._not_modified(current)
-                if tag.value in (self.etag, self.gzip_etag):
-                    # Name the tag the client holds, so its cache refreshes that copy.
-                    return self._not_modified(tag.value)
+            # Weak comparison (W/"x" matches "x"), with the tag of what this request
+            # gets only: a cache holding both copies sends both tags, and serves the
+            # copy the 304 names (RFC 9111 §4.3.4), gzipped or not.
+            if any(tag.value in ("*", current) for tag in tags):
+                return self._not_modified(current)
         elif (since := request.if_modified_since) is not None and self.mtime <= since.timestamp():
             return self._not_modified(current)
         if use_gzip:
