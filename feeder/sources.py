@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, timezone, tzinfo
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 from urllib.parse import urlsplit
 
 import nh3
@@ -53,8 +53,14 @@ _SOURCE_ENDINGS = tuple(SOURCE_SUFFIXES)
 _XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 #: What YAML refuses besides: DEL and the C1 controls but NEL.
 _YAML_REFUSED = re.compile("[\x7f-\x84\x86-\x9f]")
+#: An escaped backslash; or a surrogate escape, a pair's (high, low) or a lone one.
+_SURROGATE_ESCAPE = re.compile(
+    r"\\\\|\\u(d[89ab][0-9a-f]{2})\\u(d[c-f][0-9a-f]{2})|\\ud[89a-f][0-9a-f]{2}",
+    re.IGNORECASE)
 #: Namespace of article guids: ``urn:uuid:`` from the source path, never the site URL.
 _ID_NAMESPACE = uuid.UUID("6f1d3c52-5d0e-4c1b-9a43-0a6f3e1f2b7e")
+#: Plain scalars YAML 1.1 reads as other than text, and :class:`_Loader` does not.
+_YAML_1_1_ONLY = {f"tag:yaml.org,2002:{kind}" for kind in ("bool", "int", "float")}
 _LINK_KEYS = ("link", "url", "permalink")
 _IMAGE_KEYS = ("headimg", "thumbnail")
 #: Why a file whose path is not UTF-8 is left out.
@@ -221,7 +227,19 @@ def strip_xml_forbidden(text: str) -> str:
 
 
 class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
-    """PyYAML's safe loader (libyaml's, when available), kinder to dates."""
+    """PyYAML's safe loader (libyaml's, when available), kinder to dates and text.
+
+    Its plain scalars are read as Hexo's js-yaml reads them, not as YAML 1.1 does:
+    ``on``, ``no`` and ``yes`` are words, only ``true`` and ``false`` are booleans.
+    And what looks like a number stays the text it was written as: no field of an
+    article is a number, and YAML 1.1 would make the category ``1:30`` 90, the
+    title ``010`` 8.
+    """
+
+    yaml_implicit_resolvers: ClassVar[dict[str, list[tuple[str, re.Pattern[str]]]]] = {
+        first: [(tag, pattern) for tag, pattern in resolvers if tag not in _YAML_1_1_ONLY]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
 
     def construct_yaml_timestamp(self, node: yaml.Node) -> Any:
         """A timestamp YAML cannot build (``2022-02-30``) stays the text it was written as.
@@ -235,6 +253,8 @@ class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[mi
 
 
 _Loader.add_constructor("tag:yaml.org,2002:timestamp", _Loader.construct_yaml_timestamp)
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
+                              re.compile("^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 class _CYAMLHandler(YAMLHandler):
@@ -395,8 +415,9 @@ class SourceParser:
             raise SourceError(path, "front matter is not closed by ---", 1) from None
         # XML takes C1 controls, YAML does not: they are mojibake (cp1252's quotes).
         yaml_text, controls = _YAML_REFUSED.subn("", fm)
+        warnings = [f"front matter: {controls} control characters removed"] if controls else []
         try:
-            meta = self._handler.load(yaml_text)
+            meta = self._load_yaml(yaml_text, warnings)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = None
@@ -413,10 +434,27 @@ class SourceParser:
             meta = {}
         if not isinstance(meta, dict):
             raise SourceError(path, f"front matter is a {type(meta).__name__}, not a mapping", 2)
-        warnings = [f"front matter: {controls} control characters removed"] if controls else []
         # Blank lines go, but not the first line's indent: in Markdown it makes code.
         body = _LEADING_BLANK_LINES.sub("", body).rstrip()
         return self._article(path, meta, body, mtime, warnings)
+
+    def _load_yaml(self, text: str, warnings: list[str]) -> Any:
+        """The front matter's YAML, surrogates escaped as JSON escapes them included.
+
+        JSON writes an emoji as ``"\\ud83d\\ude80"``, and YAML is a superset of JSON,
+        but libyaml refuses such escapes: a pair is read as the character it makes, a
+        lone one is removed, with a warning (as XML forbids it).
+        """
+        try:
+            return self._handler.load(text)
+        except yaml.YAMLError:
+            joined, lone = _join_surrogate_escapes(text)
+            if joined == text:
+                raise
+        meta = self._handler.load(joined)
+        if lone:
+            warnings.append(f"front matter: {lone} lone surrogate escapes removed")
+        return meta
 
     def _article(self, path: str, meta: dict[Any, Any], body: str, mtime: datetime,
                  warnings: list[str]) -> Article:
@@ -506,7 +544,7 @@ class SourceParser:
 
 #: Bump when the same file and settings give another article (rendering, sanitizing):
 #: the next refresh parses every source again.
-PARSER_VERSION = 5
+PARSER_VERSION = 6
 
 
 def markdown_renderer() -> MarkdownIt:
@@ -661,6 +699,27 @@ def _text(value: Any) -> str | None:
     return text or None
 
 
+def _join_surrogate_escapes(text: str) -> tuple[str, int]:
+    """``text`` with surrogate escapes joined; and how many were lone.
+
+    A pair becomes the character it makes, a lone one is removed. An escaped
+    backslash (``\\\\ud800``) is left as it is, and so is the text after it.
+    """
+    lone = 0
+
+    def join(match: re.Match[str]) -> str:
+        nonlocal lone
+        if match[0] == "\\\\":
+            return match[0]
+        if match[2] is None:
+            lone += 1
+            return ""
+        high, low = int(match[1], 16), int(match[2], 16)
+        return chr(0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00))
+
+    return _SURROGATE_ESCAPE.sub(join, text), lone
+
+
 class _ShortRepr(reprlib.Repr):
     """:mod:`reprlib`'s, two levels and four items deep: a YAML alias bomb (a list of
     seven lists of seven ...) is one short line in a warning, not hundreds of KB."""
@@ -674,12 +733,13 @@ _shown = _ShortRepr().repr
 
 
 def _warn_of_wrong_types(meta: dict[Any, Any], warnings: list[str]) -> None:
-    """A list or mapping where one text or URL is read is left out: say so."""
-    for key in ("title", "author", *_IMAGE_KEYS):
-        value, url = meta.get(key), key in _IMAGE_KEYS
-        if isinstance(value, list | dict) or (url and isinstance(value, int | float)):
-            kind = "a URL" if url else "text"
-            warnings.append(f"{key}: {_shown(value)} is not {kind}: left out")
+    """Say what is left out: a list or mapping as text, an image that is no URL."""
+    for key in ("title", "author"):
+        if isinstance(value := meta.get(key), list | dict):
+            warnings.append(f"{key}: {_shown(value)} is not text: left out")
+    for key in _IMAGE_KEYS:
+        if (value := meta.get(key)) not in (None, "") and _url(value) is None:
+            warnings.append(f"{key}: {_shown(value)} is not an absolute http(s) URL: left out")
 
 
 def _url(value: Any) -> str | None:

@@ -488,9 +488,28 @@ def test_a_value_of_the_wrong_type_is_left_out_with_a_warning(parser: SourcePars
         "my post", None, None, None)
     assert article.warnings == (
         "title: ['a', 'b'] is not text: left out", "author: {'name': 'Bob'} is not text: left out",
-        "headimg: 42 is not a URL: left out",
-        "thumbnail: ['https://img.cls.cn/t.png'] is not a URL: left out",
+        "headimg: '42' is not an absolute http(s) URL: left out",
+        "thumbnail: ['https://img.cls.cn/t.png'] is not an absolute http(s) URL: left out",
     )
+
+
+def test_plain_words_and_numbers_stay_the_text_they_were_written_as(
+        parser: SourceParser) -> None:
+    article = parse(parser, front("title: 010\ncategories: [ON, no, yes, 1:30, 0755, 3.10]\n"
+                                  "tags: [off, 1e3]\nauthor: 0x1F"))
+    assert (article.title, article.author) == ("010", "0x1F")
+    assert article.categories == ("ON", "no", "yes", "1:30", "0755", "3.10")
+    assert article.tags == ("off", "1e3")
+    assert article.warnings == ()
+
+
+def test_surrogate_escapes_as_json_writes_them_are_read_as_their_characters(
+        parser: SourceParser) -> None:
+    article = parse(parser, front('title: "Rocket \\ud83d\\ude80 launch \\uD83D\\uDE00"\n'
+                                  'author: "lone \\ud800, kept \\\\ud800"'))
+    assert article.title == "Rocket \U0001f680 launch \U0001f600"
+    assert article.author == "lone , kept \\ud800"  # an escaped backslash, then text
+    assert article.warnings == ("front matter: 1 lone surrogate escapes removed",)
 
 
 def test_xml_forbidden_characters_from_yaml_escapes_are_removed(
@@ -663,7 +682,7 @@ def test_not_utf8(parser: SourceParser) -> None:
 
 
 @pytest.mark.parametrize(
-    ("meta", "kind"), [("- a\n- b", "list"), ("just a sentence", "str"), ("42", "int")]
+    ("meta", "kind"), [("- a\n- b", "list"), ("just a sentence", "str"), ("true", "bool")]
 )
 def test_front_matter_not_a_mapping(parser: SourceParser, meta: str, kind: str) -> None:
     error = refuse(parser, f"---\n{meta}\n---\nBody.\n")
