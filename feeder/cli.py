@@ -195,9 +195,12 @@ def _source_files(paths: tuple[Path, ...], misnamed: list[str]) -> Iterator[Path
 
 
 def _display_path(file: Path, sources: Path) -> str:
-    """A file's path relative to sources/ when it is inside, else as given."""
+    """A file's path relative to sources/ when it is inside, else as given.
+
+    A link is named, not the file it points to: as a refresh names it.
+    """
     try:
-        shown = file.resolve().relative_to(sources.resolve()).as_posix()
+        shown = (file.parent.resolve() / file.name).relative_to(sources.resolve()).as_posix()
     except ValueError:
         shown = str(file)
     return printable_path(shown)

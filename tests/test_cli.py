@@ -262,6 +262,24 @@ def test_check_names_a_folder_it_cannot_list(config_file: Path, config: Config) 
     assert "Traceback" not in result.output
 
 
+def test_check_names_a_link_as_a_refresh_does(tmp_path: Path, config_file: Path,
+                                              config: Config) -> None:
+    outside = tmp_path / "elsewhere.md"
+    outside.write_bytes(b"no front matter\n")
+    write_source(config, "real.md", "---\ntitle: Real\ndate: someday\n---\nx\n")
+    (config.paths.sources / "inside.md").symlink_to(outside)
+    (config.paths.sources / "alias.md").symlink_to("real.md")
+    result = run(config_file, "check")
+    assert result.exit_code == 1
+    assert lines(result.stdout) == [
+        "alias.md: warning: date: cannot read 'someday' as a date",
+        "alias.md: warning: no date: using the file's modification time",
+        "inside.md:1: no front matter (a file must start with ---)",
+        "real.md: warning: date: cannot read 'someday' as a date",
+        "real.md: warning: no date: using the file's modification time",
+    ]
+
+
 def test_check_file_outside_sources(tmp_path: Path, config_file: Path) -> None:
     outside = tmp_path / "elsewhere.md"
     outside.write_bytes(b"no front matter\n")
