@@ -21,6 +21,11 @@ URL_ATTRIBUTES: Final = ("src", *LAZY_ATTRIBUTES)
 #: Attributes holding a ``srcset`` (comma-separated candidates), on ``<img>`` and ``<source>``.
 SRCSET_ATTRIBUTES: Final = ("srcset", "data-srcset")
 _SRCSET_SPACE: Final = " \t\n\r\f"
+#: A URL's scheme, and what a browser ignores in reading it (tabs and line breaks
+#: anywhere; controls and spaces in front, and XML drops the controls anyway).
+_SCHEME: Final = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*):")
+_IGNORED_IN_URL: Final = dict.fromkeys(map(ord, "\t\n\r"))
+_C0_AND_SPACE: Final = "".join(map(chr, range(0x21)))
 #: An http(s) URL with a plain ASCII host and maybe a port, up to its path: urlsplit
 #: finds a scheme and this host (lowercased) in each, and never raises.
 _PLAIN_HTTP_URL: Final = re.compile(
@@ -117,11 +122,16 @@ class ImageCollector:
     def __init__(self) -> None:
         self._found: dict[str, None] = {}
 
-    def __call__(self, tag: str, attribute: str, value: str) -> str:
+    def __call__(self, tag: str, attribute: str, value: str) -> str | None:
         if tag in ("img", "source") and attribute in _image_attributes(tag):
             candidates = _candidates(attribute, value)
-            if any(url.startswith("//") for url, _ in candidates):
-                candidates = [(absolute_url(url), d) for url, d in candidates]
+            # nh3 checks the scheme of src alone: not of srcset, nor of data-src, which
+            # :func:`show_lazy_images` may make the src.
+            safe = [(url, d) for url, d in candidates if not _has_unsafe_scheme(url)]
+            if not safe:
+                return None  # the attribute is dropped
+            if safe != candidates or any(url.startswith("//") for url, _ in safe):
+                candidates = [(absolute_url(url), d) for url, d in safe]
                 value = _joined(candidates)
             for url, _ in candidates:
                 if is_absolute_http(url):
@@ -172,6 +182,12 @@ def _parse_srcset(value: str) -> list[tuple[str, str]]:
         if url:
             candidates.append((url, descriptor))
     return candidates
+
+
+def _has_unsafe_scheme(url: str) -> bool:
+    """Whether a browser would take ``url`` by another scheme than http(s): ``javascript:``."""
+    scheme = _SCHEME.match(url.translate(_IGNORED_IN_URL).lstrip(_C0_AND_SPACE))
+    return scheme is not None and scheme[1].lower() not in ("http", "https")
 
 
 def absolute_url(url: str) -> str:

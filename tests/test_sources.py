@@ -583,6 +583,9 @@ def test_sanitizing(parser: SourceParser) -> None:
         ' <a href="https://ok.example/">fine</a></p>'
         "<script>alert('x')</script><iframe src=\"https://evil.example/\"></iframe>"
         "<style>body{display:none}</style>"
+        '<p><img srcset="https://img.cls.cn/1.png 1x, javascript:alert(2) 2x">'
+        '<img data-src="java&#9;Script:alert(3)" src="https://img.cls.cn/a.png">'
+        '<picture><source srcset="data:image/svg+xml,alert(4)"></picture></p>'
     )
     for path in ("page.html", "post.md"):
         content = parse(parser, front("title: t", body), path).content
@@ -594,6 +597,7 @@ def test_sanitizing(parser: SourceParser) -> None:
         assert "<style" not in content
         assert 'href="https://ok.example/"' in content
         assert "Hello" in content
+        assert 'srcset="https://img.cls.cn/1.png 1x"' in content  # its safe candidate kept
 
 
 # -- refused ----------------------------------------------------------------------------
