@@ -186,6 +186,8 @@ def _parse_srcset(value: str) -> list[tuple[str, str]]:
 
 def _has_unsafe_scheme(url: str) -> bool:
     """Whether a browser would take ``url`` by another scheme than http(s): ``javascript:``."""
+    if url.startswith(("https://", "http://", "/")):
+        return False  # most, at a fifth of the cost
     scheme = _SCHEME.match(url.translate(_IGNORED_IN_URL).lstrip(_C0_AND_SPACE))
     return scheme is not None and scheme[1].lower() not in ("http", "https")
 
