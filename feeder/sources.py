@@ -86,6 +86,8 @@ _CUT_MARGIN = 64
 _WRITTEN_TAG = re.compile(r'<[^>"]*(?:"[^"]*"[^>"]*)*>')
 #: The end of an RFC 822 date whose zone is an offset with a colon, or that has no zone.
 _COLON_OFFSET = re.compile(r"\s([+-])(\d\d):(\d\d)$")
+#: A zone name after a date's time: ``... 03:17:49 GMT``.
+_ZONE_NAME = re.compile(r"\d\s+([A-Za-z]+)\s*$")
 _ENDS_WITH_TIME = re.compile(r"\s\d\d?:\d\d(?::\d\d)?$")
 #: The year of an RFC 822 (or RFC 850) date, after its day and month, in 4 digits.
 _FOUR_DIGIT_YEAR = re.compile(r"^(?:[A-Za-z]+,?\s*)?\d{1,2}[\s-]+[A-Za-z]+[\s-]+(\d{4})\s")
@@ -533,6 +535,9 @@ class SourceParser:
         shown = _shown(value.isoformat() if isinstance(value, date) else value)
         if parsed is None:
             warnings.append(f"{key}: cannot read {shown} as a date")
+        elif isinstance(value, str) and (zone := _unknown_zone(value)) is not None:
+            warnings.append(f"{key}: {shown}: time zone {zone!r} unknown (RFC 822 names "
+                            "only UT, GMT and the US zones): read as UTC")
         elif parsed.year < MIN_YEAR:  # RSS dates (RFC 822) have years of 4 digits
             warnings.append(f"{key}: {shown} is before {MIN_YEAR}")
             return None
@@ -654,6 +659,22 @@ def _rfc822_zone(text: str, tz: tzinfo) -> tzinfo:
     return tz if _ENDS_WITH_TIME.search(text) else UTC
 
 
+def _unknown_zone(text: str) -> str | None:
+    """The name of the zone ending an RFC 822 date, if the email module does not know it.
+
+    RFC 5322 reads such a date in UTC, as :func:`parse_date` does: ``CEST`` would
+    be two hours off, silently.
+    """
+    name = _ZONE_NAME.search(text)
+    if name is None or name[1].upper() in ("GMT", "UT", "UTC", "Z"):  # most, known
+        return None
+    try:
+        known = email.utils.parsedate_to_datetime(text).tzinfo is not None
+    except (TypeError, ValueError, OverflowError):  # not an RFC 822 date
+        return None
+    return None if known else name[1]
+
+
 def _names(value: Any, what: str, warnings: list[str]) -> tuple[str, ...]:
     """Categories or tags: a list, one string, or Hexo's nested list, cleaned and deduped.
 
@@ -727,6 +748,7 @@ class _ShortRepr(reprlib.Repr):
     def __init__(self) -> None:
         super().__init__()
         self.maxlevel, self.maxlist, self.maxdict = 2, 4, 4
+        self.maxstring = 80  # a whole date, its zone included
 
 
 _shown = _ShortRepr().repr

@@ -242,13 +242,25 @@ def test_unreadable_date_is_a_warning(parser: SourceParser) -> None:
     ("date: 1899-12-31", "date: '1899-12-31' is before 1900"),
     ("date: 9999-12-31T23:00:00Z", "date: '9999-12-31T23:00:00+00:00' is after 9998"),
     ("date: Wed, 30 Mar 99999999999999999999 03:17:49 GMT",
-     "date: cannot read 'Wed, 30 Mar ... 03:17:49 GMT' as a date"),
+     "date: cannot read 'Wed, 30 Mar 99999999999999999999 03:17:49 GMT' as a date"),
 ])
 def test_a_date_yaml_or_a_feed_cannot_carry_is_a_warning(parser: SourceParser, line: str,
                                                          warning: str) -> None:
     article = parse(parser, front(f"title: t\n{line}"))
     assert article.published == MTIME
     assert article.warnings == (warning, "no date: using the file's modification time")
+
+
+@pytest.mark.parametrize("zone", ["CEST", "JST", "hkt"])
+def test_a_zone_name_rfc_822_does_not_know_is_read_as_utc_with_a_warning(
+        parser: SourceParser, zone: str) -> None:
+    article = parse(parser, front(f"title: t\ndate: Wed, 30 Mar 2022 03:17:49 {zone}"))
+    assert article.published == datetime(2022, 3, 30, 3, 17, 49, tzinfo=UTC)
+    assert article.warnings == (
+        f"date: 'Wed, 30 Mar 2022 03:17:49 {zone}': time zone {zone!r} unknown "
+        "(RFC 822 names only UT, GMT and the US zones): read as UTC",)
+    known = parse(parser, front("title: t\ndate: Wed, 30 Mar 2022 03:17:49 EDT"))
+    assert (known.published.hour, known.warnings) == (7, ())
 
 
 @pytest.mark.parametrize(("line", "field", "value"), [
