@@ -109,6 +109,9 @@ _NOT_NESTING = frozenset({
     "html", "head", "body",
 })
 #: Blank lines opening a body.
+#: What may come before the opening ``---``: white space, and byte order marks (one
+#: more than UTF-8's: a file joined from two, or one saved twice).
+_LEADING_SPACE = re.compile("\\A[\\s\ufeff]+")
 _LEADING_BLANK_LINES = re.compile(r"\A(?:[ \t]*\n)+")
 #: A line opening a CommonMark HTML block that runs to the next blank line (type 6).
 _HTML_BLOCK_START = re.compile(rf"</?(?:{'|'.join(block_names)})(?:[ \t>]|/>|$)", re.IGNORECASE)
@@ -407,7 +410,7 @@ class SourceParser:
             line = data[: e.start].count(b"\n") + 1
             raise SourceError(path, f"not UTF-8 (byte {data[e.start]:#04x})", line) from e
         text = strip_xml_forbidden(text.replace("\r\n", "\n").replace("\r", "\n"))
-        stripped = text.lstrip()
+        stripped = _LEADING_SPACE.sub("", text, count=1)
         lines_before = text[: len(text) - len(stripped)].count("\n")
         if not self._handler.detect(stripped):
             raise SourceError(path, "no front matter (a file must start with ---)", 1)

@@ -122,9 +122,12 @@ def test_leading_blank_line(parser: SourceParser) -> None:
     assert_like_seed(parse(parser, "\n \n\t\n" + SEED_TEXT.lstrip()))
 
 
-@pytest.mark.parametrize("text", [SEED_TEXT.lstrip(), SEED_TEXT], ids=["bom---", "bom-blank---"])
+@pytest.mark.parametrize("text", [
+    "\ufeff" + SEED_TEXT.lstrip(), "\ufeff" + SEED_TEXT, "\ufeff\ufeff" + SEED_TEXT.lstrip(),
+    "\n\ufeff" + SEED_TEXT.lstrip(),
+], ids=["bom---", "bom-blank---", "bom-bom---", "blank-bom---"])
 def test_utf8_bom_before_front_matter(parser: SourceParser, text: str) -> None:
-    article = parse(parser, b"\xef\xbb\xbf" + text.encode())
+    article = parse(parser, text.encode())
     assert_like_seed(article)
     assert article.headimg is not None
     assert "title:" not in article.content
