@@ -54,12 +54,12 @@ _XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\ufff
 #: What YAML refuses besides: DEL and the C1 controls but NEL.
 _YAML_REFUSED = re.compile("[\x7f-\x84\x86-\x9f]")
 #: An escaped backslash; or a surrogate escape, a pair's (high, low) or a lone one.
-_SURROGATE_ESCAPE = re.compile(
-    r"\\\\|\\u(d[89ab][0-9a-f]{2})\\u(d[c-f][0-9a-f]{2})|\\ud[89a-f][0-9a-f]{2}",
-    re.IGNORECASE)
+_SURROGATE_ESCAPE = re.compile(r"\\\\|\\u((?i:d[89ab][0-9a-f]{2}))\\u((?i:d[c-f][0-9a-f]{2}))"
+                               r"|\\u(?i:d[89a-f][0-9a-f]{2})")
 #: Namespace of article guids: ``urn:uuid:`` from the source path, never the site URL.
 _ID_NAMESPACE = uuid.UUID("6f1d3c52-5d0e-4c1b-9a43-0a6f3e1f2b7e")
-#: Plain scalars YAML 1.1 reads as other than text, and :class:`_Loader` does not.
+#: Plain scalars YAML 1.1 reads as other than text; :class:`_Loader` reads only
+#: ``true`` and ``false`` of them so.
 _YAML_1_1_ONLY = {f"tag:yaml.org,2002:{kind}" for kind in ("bool", "int", "float")}
 _LINK_KEYS = ("link", "url", "permalink")
 _IMAGE_KEYS = ("headimg", "thumbnail")
@@ -86,8 +86,11 @@ _CUT_MARGIN = 64
 _WRITTEN_TAG = re.compile(r'<[^>"]*(?:"[^"]*"[^>"]*)*>')
 #: The end of an RFC 822 date whose zone is an offset with a colon, or that has no zone.
 _COLON_OFFSET = re.compile(r"\s([+-])(\d\d):(\d\d)$")
-#: A zone name after a date's time: ``... 03:17:49 GMT``.
-_ZONE_NAME = re.compile(r"\d\s+([A-Za-z]+)\s*$")
+#: An offset from GMT or UTC, as JavaScript's ``Date.toString()`` writes it.
+_GMT_OFFSET = re.compile(r"\s(?:GMT|UTC?)([+-])(\d\d?):?(\d\d)?(?:\s+\([^()]*\))?$",
+                         re.IGNORECASE)
+#: What follows a date's time, less a comment: ``CEST (Paris)``.
+_AFTER_TIME = re.compile(r"\d:\d\d\s+(.+?)(?:\s*\([^()]*\))?$")
 _ENDS_WITH_TIME = re.compile(r"\s\d\d?:\d\d(?::\d\d)?$")
 #: The year of an RFC 822 (or RFC 850) date, after its day and month, in 4 digits.
 _FOUR_DIGIT_YEAR = re.compile(r"^(?:[A-Za-z]+,?\s*)?\d{1,2}[\s-]+[A-Za-z]+[\s-]+(\d{4})\s")
@@ -108,10 +111,10 @@ _NOT_NESTING = frozenset({
     "th", "thead", "tbody", "tfoot", "colgroup", "rb", "rt", "rp", "rtc",
     "html", "head", "body",
 })
-#: Blank lines opening a body.
-#: What may come before the opening ``---``: white space, and byte order marks (one
-#: more than UTF-8's: a file joined from two, or one saved twice).
+#: What may come before the opening ``---``: white space, and byte order marks
+#: besides the one decoding removed (a file joined from two, or saved twice).
 _LEADING_SPACE = re.compile("\\A[\\s\ufeff]+")
+#: Blank lines opening a body.
 _LEADING_BLANK_LINES = re.compile(r"\A(?:[ \t]*\n)+")
 #: A line opening a CommonMark HTML block that runs to the next blank line (type 6).
 _HTML_BLOCK_START = re.compile(rf"</?(?:{'|'.join(block_names)})(?:[ \t>]|/>|$)", re.IGNORECASE)
@@ -234,9 +237,9 @@ def strip_xml_forbidden(text: str) -> str:
 class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
     """PyYAML's safe loader (libyaml's, when available), kinder to dates and text.
 
-    Its plain scalars are read as Hexo's js-yaml reads them, not as YAML 1.1 does:
-    ``on``, ``no`` and ``yes`` are words, only ``true`` and ``false`` are booleans.
-    And what looks like a number stays the text it was written as: no field of an
+    Its booleans are YAML 1.2's, as Hexo's js-yaml reads them: ``on``, ``no`` and
+    ``yes`` are words, only ``true`` and ``false`` are booleans. And what looks like
+    a number stays the text it was written as (a choice of ours): no field of an
     article is a number, and YAML 1.1 would make the category ``1:30`` 90, the
     title ``010`` 8.
     """
@@ -447,8 +450,10 @@ class SourceParser:
         """The front matter's YAML, surrogates escaped as JSON escapes them included.
 
         JSON writes an emoji as ``"\\ud83d\\ude80"``, and YAML is a superset of JSON,
-        but libyaml refuses such escapes: a pair is read as the character it makes, a
-        lone one is removed, with a warning (as XML forbids it).
+        but libyaml refuses such escapes. Once it has, a pair is read as the character
+        it makes, a lone one is removed, with a warning (as XML forbids it). (PyYAML's
+        own loader, used where libyaml is missing, takes them as two lone surrogates,
+        which are then removed as any character XML forbids.)
         """
         try:
             return self._handler.load(text)
@@ -534,13 +539,13 @@ class SourceParser:
         """A front matter date in any accepted form, as an aware datetime."""
         if value is None or value == "":
             return None
-        parsed = parse_date(value, self._tz)
+        parsed, unread_zone = read_date(value, self._tz)
         shown = _shown(value.isoformat() if isinstance(value, date) else value)
+        if unread_zone is not None:
+            warnings.append(f"{key}: {shown}: time zone {unread_zone!r} not understood: "
+                            "read as UTC")
         if parsed is None:
             warnings.append(f"{key}: cannot read {shown} as a date")
-        elif isinstance(value, str) and (zone := _unknown_zone(value)) is not None:
-            warnings.append(f"{key}: {shown}: time zone {zone!r} unknown (RFC 822 names "
-                            "only UT, GMT and the US zones): read as UTC")
         elif parsed.year < MIN_YEAR:  # RSS dates (RFC 822) have years of 4 digits
             warnings.append(f"{key}: {shown} is before {MIN_YEAR}")
             return None
@@ -618,6 +623,13 @@ def parse_date(value: Any, tz: tzinfo) -> datetime | None:
     The result is in UTC, unless it lies at the very edge of what Python's dates
     hold (year 1, or 9999), where its own zone is kept.
     """
+    return read_date(value, tz)[0]
+
+
+def read_date(value: Any, tz: tzinfo) -> tuple[datetime | None, str | None]:
+    """:func:`parse_date`'s date; and what followed its time, if it was read as UTC for
+    want of understanding it (``CEST``: RFC 5322 reads a zone it does not know so)."""
+    unread_zone = None
     if isinstance(value, datetime):
         parsed = value
     elif isinstance(value, date):
@@ -631,51 +643,43 @@ def parse_date(value: Any, tz: tzinfo) -> datetime | None:
             try:
                 parsed = email.utils.parsedate_to_datetime(text)
             except (TypeError, ValueError, OverflowError):
-                return None
+                return None, None
             if parsed.tzinfo is None:  # a zone the email module did not take, or none
-                parsed = parsed.replace(tzinfo=_rfc822_zone(text, tz))
+                zone, unread_zone = _rfc822_zone(text, tz)
+                parsed = parsed.replace(tzinfo=zone)
             # It reads years below 100 as 19xx or 20xx, as RFC 5322 asks of 2 digits.
             year = _FOUR_DIGIT_YEAR.match(text)
             if year and int(year[1]) < 100:
                 try:
                     parsed = parsed.replace(year=int(year[1]))
                 except ValueError:  # year 0
-                    return None
+                    return None, None
     else:
-        return None
+        return None, None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=tz)
     try:
-        return parsed.astimezone(UTC)
+        return parsed.astimezone(UTC), unread_zone
     except OverflowError:  # year 1 east of UTC, or 9999 west of it: refused by its year
-        return parsed
+        return parsed, unread_zone
 
 
-def _rfc822_zone(text: str, tz: tzinfo) -> tzinfo:
-    """The zone of an RFC 822 date the email module left naive: an offset written
-    ``+08:00``; ``tz`` if there is none (the date ends with its time); else UTC, as
-    RFC 5322 reads ``-0000`` and zone names it does not know."""
-    if offset := _COLON_OFFSET.search(text):
-        sign, hours, minutes = offset.groups()
-        delta = timedelta(hours=int(hours), minutes=int(minutes))
-        return timezone(-delta if sign == "-" else delta)
-    return tz if _ENDS_WITH_TIME.search(text) else UTC
+def _rfc822_zone(text: str, tz: tzinfo) -> tuple[tzinfo, str | None]:
+    """The zone of an RFC 822 date the email module left naive; and what it did not understand.
 
-
-def _unknown_zone(text: str) -> str | None:
-    """The name of the zone ending an RFC 822 date, if the email module does not know it.
-
-    RFC 5322 reads such a date in UTC, as :func:`parse_date` does: ``CEST`` would
-    be two hours off, silently.
+    An offset written ``+08:00``, or as JavaScript's dates write it (``GMT+0800
+    (China Standard Time)``); ``tz`` if there is none (the date ends with its time);
+    else UTC, as RFC 5322 reads ``-0000`` and the zone names it does not know
+    (``CEST``), which are returned.
     """
-    name = _ZONE_NAME.search(text)
-    if name is None or name[1].upper() in ("GMT", "UT", "UTC", "Z"):  # most, known
-        return None
-    try:
-        known = email.utils.parsedate_to_datetime(text).tzinfo is not None
-    except (TypeError, ValueError, OverflowError):  # not an RFC 822 date
-        return None
-    return None if known else name[1]
+    if offset := _COLON_OFFSET.search(text) or _GMT_OFFSET.search(text):
+        sign, hours, minutes = offset.groups()
+        delta = timedelta(hours=int(hours), minutes=int(minutes or 0))
+        return timezone(-delta if sign == "-" else delta), None
+    if _ENDS_WITH_TIME.search(text):
+        return tz, None
+    after = _AFTER_TIME.search(text)
+    return UTC, after[1] if after is not None and after[1] != "-0000" else None
 
 
 def _names(value: Any, what: str, warnings: list[str]) -> tuple[str, ...]:
@@ -763,7 +767,10 @@ def _warn_of_wrong_types(meta: dict[Any, Any], warnings: list[str]) -> None:
         if isinstance(value := meta.get(key), list | dict):
             warnings.append(f"{key}: {_shown(value)} is not text: left out")
     for key in _IMAGE_KEYS:
-        if (value := meta.get(key)) not in (None, "") and _url(value) is None:
+        value = meta.get(key)
+        if value in (None, "") or (isinstance(value, str) and value.startswith("/")):
+            continue  # a site path, as Hexo's: no site to resolve it against
+        if _url(value) is None:
             warnings.append(f"{key}: {_shown(value)} is not an absolute http(s) URL: left out")
 
 

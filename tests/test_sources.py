@@ -254,16 +254,34 @@ def test_a_date_yaml_or_a_feed_cannot_carry_is_a_warning(parser: SourceParser, l
     assert article.warnings == (warning, "no date: using the file's modification time")
 
 
-@pytest.mark.parametrize("zone", ["CEST", "JST", "hkt"])
-def test_a_zone_name_rfc_822_does_not_know_is_read_as_utc_with_a_warning(
-        parser: SourceParser, zone: str) -> None:
+@pytest.mark.parametrize("zone", ["CEST", "JST", "hkt", "CEST (Paris)", "PM"])
+def test_a_zone_not_understood_is_read_as_utc_with_a_warning(parser: SourceParser,
+                                                              zone: str) -> None:
     article = parse(parser, front(f"title: t\ndate: Wed, 30 Mar 2022 03:17:49 {zone}"))
     assert article.published == datetime(2022, 3, 30, 3, 17, 49, tzinfo=UTC)
+    name = zone.removesuffix(" (Paris)")  # a comment is no part of it
+    assert article.warnings == (f"date: 'Wed, 30 Mar 2022 03:17:49 {zone}': time zone "
+                                f"{name!r} not understood: read as UTC",)
+
+
+@pytest.mark.parametrize("date", [
+    "Wed, 30 Mar 2022 03:17:49 EDT", "Wed, 30 Mar 2022 03:17:49 -0400",
+    "Wed Mar 30 2022 15:17:49 GMT+0800 (China Standard Time)",  # JavaScript's Date
+    "Wed, 30 Mar 2022 05:17:49 UTC-2", "Wed, 30 Mar 2022 12:47:49 GMT+05:30",
+])
+def test_zones_understood(parser: SourceParser, date: str) -> None:
+    article = parse(parser, front(f"title: t\ndate: {date}"))
+    assert (article.published, article.warnings) == (
+        datetime(2022, 3, 30, 7, 17, 49, tzinfo=UTC), ())
+
+
+def test_a_zone_not_understood_leaves_the_year_checked(parser: SourceParser) -> None:
+    article = parse(parser, front("title: t\ndate: Sat, 30 Mar 1850 03:17:49 CEST"))
+    assert article.published == MTIME
     assert article.warnings == (
-        f"date: 'Wed, 30 Mar 2022 03:17:49 {zone}': time zone {zone!r} unknown "
-        "(RFC 822 names only UT, GMT and the US zones): read as UTC",)
-    known = parse(parser, front("title: t\ndate: Wed, 30 Mar 2022 03:17:49 EDT"))
-    assert (known.published.hour, known.warnings) == (7, ())
+        "date: 'Sat, 30 Mar 1850 03:17:49 CEST': time zone 'CEST' not understood: read as UTC",
+        "date: 'Sat, 30 Mar 1850 03:17:49 CEST' is before 1900",
+        "no date: using the file's modification time")
 
 
 @pytest.mark.parametrize(("line", "field", "value"), [
@@ -508,6 +526,12 @@ def test_a_value_of_the_wrong_type_is_left_out_with_a_warning(parser: SourcePars
     )
 
 
+def test_an_image_at_a_site_path_is_left_out_unwarned_as_hexo_writes_it(
+        parser: SourceParser) -> None:
+    article = parse(parser, front("title: t\nheadimg: /images/cover.jpg"))
+    assert (article.headimg, article.warnings) == (None, ())
+
+
 def test_plain_words_and_numbers_stay_the_text_they_were_written_as(
         parser: SourceParser) -> None:
     article = parse(parser, front("title: 010\ncategories: [ON, no, yes, 1:30, 0755, 3.10]\n"
@@ -525,6 +549,9 @@ def test_surrogate_escapes_as_json_writes_them_are_read_as_their_characters(
     assert article.title == "Rocket \U0001f680 launch \U0001f600"
     assert article.author == "lone , kept \\ud800"  # an escaped backslash, then text
     assert article.warnings == ("front matter: 1 lone surrogate escapes removed",)
+    # \U takes 8 digits: this is no code point, and no surrogate either.
+    refused = refuse(parser, front('title: "\\UD83DDE80 \\ud83d"'))
+    assert "invalid YAML front matter" in refused.reason
 
 
 def test_xml_forbidden_characters_from_yaml_escapes_are_removed(
