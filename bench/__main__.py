@@ -352,6 +352,8 @@ async def load(url: str, seconds: float, etag: str | None) -> float:
         match = re.search(r"Requests/sec:\s+([\d.]+)", text)
         if proc.returncode != 0 or match is None or "Non-2xx" in text:
             raise RuntimeError(f"wrk: {text} {err.decode()}")
+        if etag and _bytes_per_request(text) > 1024:  # wrk counts a 200 as it does a 304
+            raise RuntimeError(f"wrk: {url} answered with bodies, not 304s: {text}")
         return float(match.group(1))
     args = [url, str(seconds), "64"] + ([etag] if etag else [])
     proc = await asyncio.create_subprocess_exec(
@@ -361,6 +363,15 @@ async def load(url: str, seconds: float, etag: str | None) -> float:
     if set(result["statuses"]) != {"304" if etag else "200"}:  # JSON keys are text
         raise RuntimeError(f"bench.loadgen: {url} answered {result['statuses']}")
     return float(result["rps"])
+
+
+def _bytes_per_request(wrk_output: str) -> float:
+    """From wrk's "12345 requests in 20.00s, 1.50GB read"."""
+    match = re.search(r"(\d+) requests in \S+, ([\d.]+)([KMGT]?)B read", wrk_output)
+    if match is None:
+        raise RuntimeError(f"wrk: no request count in {wrk_output}")
+    scale = 1024 ** " KMGT".index(match[3] or " ")
+    return float(match[2]) * scale / int(match[1])
 
 
 async def bench_serving(session: aiohttp.ClientSession, daemon: DaemonProcess, runs: int,
