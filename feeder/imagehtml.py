@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable, Mapping
 from html import unescape
 from typing import Final
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 from feeder.config import ImagesConfig
 
@@ -115,12 +115,16 @@ class ImageCollector:
 
     It notes them while nh3 parses, so the cleaned HTML is never parsed again.
     A protocol-relative URL (``//img.cls.cn/...``) becomes ``https:``: a reader would
-    resolve it against the feed's address, and the image is the origin's.
+    resolve it against the feed's address, and the image is the origin's. So does
+    a relative image or link URL become absolute, when the article names its
+    original page (:attr:`base`).
     One collector serves one clean at a time: :meth:`take` returns and forgets.
     """
 
     def __init__(self) -> None:
         self._found: dict[str, None] = {}
+        #: The URL of the page the HTML being cleaned comes from, if known.
+        self.base: str | None = None
 
     def __call__(self, tag: str, attribute: str, value: str) -> str | None:
         if tag in ("img", "source") and attribute in _image_attributes(tag):
@@ -128,16 +132,23 @@ class ImageCollector:
             # Every image URL is http(s) or relative: nh3 checks the scheme of src
             # alone, and lets ftp: and others through; not srcset's, nor data-src's,
             # which :func:`show_lazy_images` may make the src.
-            safe = [(url, d) for url, d in candidates if not _has_unsafe_scheme(url)]
+            safe = [(self._absolute(url), d) for url, d in candidates
+                    if not _has_unsafe_scheme(url)]
             if not safe:
                 return None  # the attribute is dropped
-            if safe != candidates or any(url.startswith("//") for url, _ in safe):
-                candidates = [(absolute_url(url), d) for url, d in safe]
-                value = _joined(candidates)
-            for url, _ in candidates:
+            if safe != candidates:
+                value = _joined(safe)
+            for url, _ in safe:
                 if is_absolute_http(url):
                     self._found.setdefault(url, None)
+        elif attribute == "href" and self.base is not None:
+            return urljoin(self.base, value.strip())  # nh3 checks its scheme
         return value
+
+    def _absolute(self, url: str) -> str:
+        if self.base is None or is_absolute_http(url):
+            return absolute_url(url)
+        return urljoin(self.base, url)
 
     def take(self) -> list[str]:
         found = list(self._found)

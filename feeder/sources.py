@@ -495,6 +495,7 @@ class SourceParser:
         if html.count("&") > MAX_AMPERSANDS:
             raise SourceError(path, f"over {MAX_AMPERSANDS:,} '&' (character references)")
         # YAML escapes and HTML character references can produce them again.
+        self._images.base = link  # relative URLs are the original page's
         content = show_lazy_images(strip_xml_forbidden(self._cleaner.clean(html)))
         # Images elsewhere are left as they are: not fetched, not tracked.
         found = [*map(strip_xml_forbidden, self._images.take()), headimg, thumbnail]

@@ -966,6 +966,25 @@ def test_a_lazy_image_gets_its_real_url_as_src(parser: SourceParser) -> None:
                     "https://img.cls.cn/a.png", None, None]
 
 
+def test_relative_urls_resolve_against_the_articles_own_link(parser: SourceParser) -> None:
+    body = ('<p><a href="/telegraph">t</a> <a href="#notes">n</a> <a href="javascript:x()">j</a>'
+            '<img src="a.png"><img data-src="/lazy.png" srcset="b.png 2x, https://x.test/c.png 3x">'
+            '<img src="https://img.cls.cn/abs.png"></p>')
+    linked = parse(parser, front("title: t\nlink: https://img.cls.cn/detail/9", body))
+    assert 'href="https://img.cls.cn/telegraph"' in linked.content
+    assert 'href="https://img.cls.cn/detail/9#notes"' in linked.content
+    assert "javascript" not in linked.content
+    assert 'src="https://img.cls.cn/detail/a.png"' in linked.content
+    assert 'srcset="https://img.cls.cn/detail/b.png 2x, https://x.test/c.png 3x"' in linked.content
+    assert linked.images == tuple(f"https://img.cls.cn/{name}" for name in (
+        "detail/a.png", "lazy.png", "detail/b.png", "abs.png"))
+    # With no page of its own to resolve them against, they are left as written.
+    unlinked = parse(parser, front("title: t", body))
+    assert 'href="/telegraph"' in unlinked.content
+    assert 'src="a.png"' in unlinked.content
+    assert unlinked.images == ("https://img.cls.cn/abs.png",)
+
+
 def test_protocol_relative_images_are_https(parser: SourceParser) -> None:
     article = parse(parser, front(
         "title: t\nheadimg: //img.cls.cn/head.png",
