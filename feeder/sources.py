@@ -617,19 +617,15 @@ def nested_deeper_than(html: str, limit: int) -> bool:
     return False
 
 
-def parse_date(value: Any, tz: tzinfo) -> datetime | None:
+def read_date(value: Any, tz: tzinfo) -> tuple[datetime | None, str | None]:
     """RFC 822, ISO 8601, Hexo's ``2022-03-30 11:17:49`` or a YAML timestamp.
 
-    A date with no offset is in ``tz``. Returns None when ``value`` is not a date.
-    The result is in UTC, unless it lies at the very edge of what Python's dates
-    hold (year 1, or 9999), where its own zone is kept.
+    A date with no offset is in ``tz``. The date is None when ``value`` is not a
+    date. It is in UTC, unless it lies at the very edge of what Python's dates hold
+    (year 1, or 9999), where its own zone is kept. With it comes what followed its
+    time, if it was read as UTC for want of understanding that (``CEST``: RFC 5322
+    reads a zone it does not know so), else None.
     """
-    return read_date(value, tz)[0]
-
-
-def read_date(value: Any, tz: tzinfo) -> tuple[datetime | None, str | None]:
-    """:func:`parse_date`'s date; and what followed its time, if it was read as UTC for
-    want of understanding it (``CEST``: RFC 5322 reads a zone it does not know so)."""
     unread_zone = None
     if isinstance(value, datetime):
         parsed = value
@@ -676,7 +672,8 @@ def _rfc822_zone(text: str, tz: tzinfo) -> tuple[tzinfo, str | None]:
     if offset := _COLON_OFFSET.search(text) or _GMT_OFFSET.search(text):
         sign, hours, minutes = offset.groups()
         delta = timedelta(hours=int(hours), minutes=int(minutes or 0))
-        return timezone(-delta if sign == "-" else delta), None
+        if delta < timedelta(hours=24):  # else no offset: +25:00 is not understood
+            return timezone(-delta if sign == "-" else delta), None
     if _ENDS_WITH_TIME.search(text):
         return tz, None
     after = _AFTER_TIME.search(text)

@@ -29,7 +29,7 @@ from feeder.sources import (
     SourceParser,
     html_blocks_as_rendered,
     markdown_renderer,
-    parse_date,
+    read_date,
     read_source,
     scan_sources,
     text_of_cleaned,
@@ -254,7 +254,8 @@ def test_a_date_yaml_or_a_feed_cannot_carry_is_a_warning(parser: SourceParser, l
     assert article.warnings == (warning, "no date: using the file's modification time")
 
 
-@pytest.mark.parametrize("zone", ["CEST", "JST", "hkt", "CEST (Paris)", "PM"])
+@pytest.mark.parametrize("zone", ["CEST", "JST", "hkt", "CEST (Paris)", "PM", "+25:00",
+                                  "GMT+2500"])
 def test_a_zone_not_understood_is_read_as_utc_with_a_warning(parser: SourceParser,
                                                               zone: str) -> None:
     article = parse(parser, front(f"title: t\ndate: Wed, 30 Mar 2022 03:17:49 {zone}"))
@@ -828,10 +829,10 @@ def test_reading_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
     assert str(outcome[0]) == "fifo.md: not a regular file"
 
 
-def test_parse_date_rejects_non_dates(config: Config) -> None:
-    assert parse_date("not a date", config.site.tz) is None
-    assert parse_date(12345, config.site.tz) is None
-    assert parse_date(["2022-03-30"], config.site.tz) is None
+def test_read_date_rejects_non_dates(config: Config) -> None:
+    assert read_date("not a date", config.site.tz) == (None, None)
+    assert read_date(12345, config.site.tz) == (None, None)
+    assert read_date(["2022-03-30"], config.site.tz) == (None, None)
 
 
 # -- properties -------------------------------------------------------------------------
