@@ -269,20 +269,20 @@ class CachedFile:
             request.headers.get(hdrs.ACCEPT_ENCODING, "")
         )
         current = self.gzip_etag if use_gzip else self.etag
+        headers = self.gzip_headers if use_gzip else self.plain_headers
         if (tags := request.if_none_match) is not None:
             # Weak comparison (W/"x" matches "x"), with the tag of what this request
             # gets only: a cache holding both copies sends both tags, and serves the
             # copy the 304 names (RFC 9111 §4.3.4), gzipped or not.
             if any(tag.value in ("*", current) for tag in tags):
-                return self._not_modified(current)
+                return self._not_modified(headers)
         elif (since := request.if_modified_since) is not None and self.mtime <= since.timestamp():
-            return self._not_modified(current)
-        if use_gzip:
-            return web.Response(body=self.gzipped, headers=self._dated(self.gzip_headers))
-        return web.Response(body=self.body, headers=self._dated(self.plain_headers))
+            return self._not_modified(headers)
+        body = self.gzipped if use_gzip else self.body
+        return web.Response(body=body, headers=self._dated(headers))
 
-    def _not_modified(self, etag: str) -> web.Response:
-        headers = self.gzip_headers if etag == self.gzip_etag else self.plain_headers
+    def _not_modified(self, headers: dict[str, str]) -> web.Response:
+        """A 304 for the copy whose 200 has ``headers``."""
         return web.Response(
             status=304,
             headers=self._dated({
