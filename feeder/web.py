@@ -5,7 +5,8 @@ then revalidated on every request by its stat (inode, size, mtime), so a feed
 reader polling every few minutes costs a few ``lstat`` calls and a dictionary
 lookup. Images go through
 :class:`aiohttp.web.FileResponse` (sendfile, Range, conditional requests). No
-request reaches a file outside its folder.
+request reaches a file outside its folder: the path is checked, then the file
+opened must be the one checked (a symlink swapped in between is refused).
 """
 
 from __future__ import annotations
@@ -305,10 +306,26 @@ class CachedFile:
         return {name: value for name, value in headers.items() if name != hdrs.LAST_MODIFIED}
 
 
-def read_cached_file(path: str, max_age: int) -> CachedFile:
-    """Read, hash and gzip one file; the stat comes from the open file, so it matches."""
+class Replaced(OSError):
+    """The file opened is not the one whose path was checked (see :func:`resolve_inside`)."""
+
+
+def check_same_file(opened: os.stat_result, checked: os.stat_result) -> None:
+    """Raise :class:`Replaced` unless ``opened`` is the file ``checked``.
+
+    Between the check of a path and its open, the file may be replaced: renamed
+    over (a refresh writing a feed), or swapped for a symlink leading out of the
+    folder by someone who can write in it. Only the file checked is served.
+    """
+    if (opened.st_dev, opened.st_ino) != (checked.st_dev, checked.st_ino):
+        raise Replaced("the file was replaced after its path was checked")
+
+
+def read_cached_file(path: str, max_age: int, checked: os.stat_result) -> CachedFile:
+    """Read, hash and gzip the file ``checked``; the stat comes from the open file."""
     with open(path, "rb") as file:
         st = os.fstat(file.fileno())
+        check_same_file(st, checked)
         body = file.read()
     gzipped: bytes | None = gzip.compress(body, compresslevel=GZIP_LEVEL, mtime=0)
     if len(gzipped) >= len(body):
@@ -331,6 +348,33 @@ def read_cached_file(path: str, max_age: int) -> CachedFile:
         plain_headers={**common, hdrs.ETAG: f'"{etag}"'},
         gzip_headers={**common, hdrs.ETAG: f'"{etag}-gz"', hdrs.CONTENT_ENCODING: "gzip"},
     )
+
+
+class CheckedFileResponse(web.FileResponse):
+    """A :class:`~aiohttp.web.FileResponse` of a file whose path was checked.
+
+    It sends the file checked, or a 404 if another was put in its place since
+    (:func:`check_same_file`); and never a stray ``.gz``/``.br`` sibling
+    instead, which aiohttp would serve to a client accepting gzip or brotli.
+    """
+
+    def __init__(self, path: str, checked: os.stat_result,
+                 headers: dict[str, str]) -> None:
+        super().__init__(path, headers=headers)
+        self._checked = checked
+
+    def _make_response(self, request: web.BaseRequest, accept_encoding: str) -> Any:
+        # aiohttp opens and stats the file here, in a worker thread. No encoding is
+        # accepted, so it looks for no compressed sibling: the file itself is sent.
+        result = super()._make_response(request, "")
+        opened, st = result[1], result[2]
+        try:
+            check_same_file(st, self._checked)
+        except Replaced:
+            if opened is not None:
+                opened.close()
+            raise  # an OSError: aiohttp answers 404
+        return result
 
 
 class FileCache:
@@ -391,28 +435,35 @@ class FeedFiles:
         """The file ``tail`` names; a directory (``all/``) gives its ``index.html``."""
         if not tail or tail.endswith("/"):
             tail += "index.html"
-        found = resolve_inside(self.root, tail)
-        if found is None or not stat.S_ISREG(found[1].st_mode):
-            return not_found()
-        path, st = found
-        if st.st_size > CACHE_MAX_FILE:
-            return self._stream(path)
-        entry = self.cache.get(path, (st.st_ino, st.st_size, st.st_mtime_ns))
-        if entry is None:
+        # Twice at most: a refresh may rename a new copy over the file just checked.
+        for _ in range(2):
+            found = resolve_inside(self.root, tail)
+            if found is None or not stat.S_ISREG(found[1].st_mode):
+                return not_found()
+            path, st = found
+            if st.st_size > CACHE_MAX_FILE:
+                return self._stream(path, st)
+            entry = self.cache.get(path, (st.st_ino, st.st_size, st.st_mtime_ns))
+            if entry is not None:
+                return entry.respond(request)
             try:
                 if st.st_size > THREAD_READ_MIN:
-                    entry = await asyncio.to_thread(read_cached_file, path, self.max_age)
+                    entry = await asyncio.to_thread(read_cached_file, path, self.max_age, st)
                 else:
-                    entry = read_cached_file(path, self.max_age)
+                    entry = read_cached_file(path, self.max_age, st)
+            except Replaced:
+                continue
             except OSError:
                 return not_found()
             self.cache.put(path, entry)
-        return entry.respond(request)
+            return entry.respond(request)
+        return not_found()
 
-    def _stream(self, path: str) -> web.FileResponse:
+    def _stream(self, path: str, checked: os.stat_result) -> web.FileResponse:
         """A file too large to cache, from disk; FileResponse handles 304 and Range."""
-        return web.FileResponse(
+        return CheckedFileResponse(
             path,
+            checked,
             headers={
                 hdrs.CONTENT_TYPE: feed_content_type(os.path.basename(path)),
                 hdrs.CACHE_CONTROL: f"public, max-age={self.max_age}",
@@ -436,8 +487,8 @@ class ImageFiles:
         found = resolve_inside(self.root, name)
         if found is None or not stat.S_ISREG(found[1].st_mode):
             return not_found()
-        return web.FileResponse(
-            found[0],
+        return CheckedFileResponse(
+            *found,
             headers={
                 hdrs.CONTENT_TYPE: image_content_type(name),
                 hdrs.CACHE_CONTROL: IMAGE_CACHE_CONTROL,
@@ -445,3 +496,4 @@ class ImageFiles:
                 "Content-Security-Policy": "default-src 'none'",
             },
         )
+

@@ -635,6 +635,103 @@ async def test_symlink_inside_folder_is_served(client: Client, config: Config) -
     assert await resp.text() == RSS
 
 
+def swap_for_symlink(path: Path, target: Path) -> None:
+    path.unlink()
+    path.symlink_to(target)
+
+
+async def test_image_swapped_for_a_symlink_after_its_check_is_404(
+    aiohttp_client: ClientFactory, config: Config, tmp_path: Path
+) -> None:
+    images = feeder_web.ImageFiles(config.paths.cache)
+
+    async def swapping(request: web.Request) -> web.StreamResponse:
+        response = await images.respond(request, PNG_NAME)  # checked: a file in the cache
+        swap_for_symlink(config.paths.cache / PNG_NAME, tmp_path / "secret.txt")
+        return response  # aiohttp opens the file only now
+
+    app = web.Application()
+    app.router.add_get("/swapped", swapping)
+    client = await aiohttp_client(app)
+    resp = await client.get("/swapped")
+    assert resp.status == 404
+    assert SECRET not in await resp.text()
+
+
+async def test_large_feed_swapped_for_a_symlink_after_its_check_is_404(
+    aiohttp_client: ClientFactory, config: Config, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(feeder_web, "CACHE_MAX_FILE", 100)  # streamed from disk
+    feeds = feeder_web.FeedFiles(config.paths.feeds, max_age=INTERVAL)
+
+    async def swapping(request: web.Request) -> web.StreamResponse:
+        response = await feeds.respond(request, "all/rss.xml")
+        swap_for_symlink(config.paths.feeds / "all" / "rss.xml", tmp_path / "secret.txt")
+        return response
+
+    app = web.Application()
+    app.router.add_get("/swapped", swapping)
+    client = await aiohttp_client(app)
+    resp = await client.get("/swapped")
+    assert resp.status == 404
+    assert SECRET not in await resp.text()
+
+
+@pytest.mark.parametrize("thread_read_min", [10**9, 10])
+async def test_feed_replaced_after_its_check(
+    client: Client, config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    thread_read_min: int,
+) -> None:
+    """Renamed over by a refresh, the new file is served; swapped for a symlink, none."""
+    monkeypatch.setattr(feeder_web, "THREAD_READ_MIN", thread_read_min)
+    target = config.paths.feeds / "all" / "rss.xml"
+    check = feeder_web.resolve_inside
+    replacements: list[Callable[[], None]] = []
+
+    def check_then_replace(root: str, tail: str) -> tuple[str, os.stat_result] | None:
+        found = check(root, tail)
+        if replacements:
+            replacements.pop(0)()
+        return found
+
+    monkeypatch.setattr(feeder_web, "resolve_inside", check_then_replace)
+    new_rss = RSS.replace("全部", "新的")
+    replacements.append(lambda: write(tmp_path / "new.xml", new_rss).rename(target))
+    resp = await client.get("/feeds/all/rss.xml")
+    assert resp.status == 200
+    assert await resp.text() == new_rss
+    assert not replacements
+
+    def rename_over() -> None:
+        write(tmp_path / "new.xml", RSS).rename(target)
+
+    rename_over()  # not cached yet
+    replacements.append(lambda: swap_for_symlink(target, tmp_path / "secret.txt"))
+    resp = await client.get("/feeds/all/rss.xml")
+    assert resp.status == 404
+    assert SECRET not in await resp.text()
+    assert not replacements
+
+    target.unlink()
+    rename_over()
+    replacements += [rename_over] * 3  # replaced after every check: two tries, then a 404
+    resp = await client.get("/feeds/all/rss.xml")
+    assert resp.status == 404
+    assert len(replacements) == 1
+
+
+async def test_image_never_served_from_a_stray_compressed_sibling(
+    raw_client: Client, config: Config
+) -> None:
+    for suffix in (".gz", ".br"):
+        write(config.paths.cache / (PNG_NAME + suffix), SECRET)
+    resp = await raw_client.get(f"/images/{PNG_NAME}", headers={"Accept-Encoding": "gzip, br"})
+    assert resp.status == 200
+    assert "Content-Encoding" not in resp.headers
+    assert await resp.read() == PNG
+
+
 def test_resolve_inside(tmp_path: Path) -> None:
     root = tmp_path.resolve()
     write(root / "a" / "rss.xml", RSS)
