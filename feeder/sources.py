@@ -229,6 +229,11 @@ def article_guid(path: str) -> str:
     return uuid.uuid5(_ID_NAMESPACE, path).urn
 
 
+def _count(number: int, thing: str) -> str:
+    """``1 thing``, ``2 things``."""
+    return f"{number} {thing}" if number == 1 else f"{number} {thing}s"
+
+
 def strip_xml_forbidden(text: str) -> str:
     """Remove characters XML 1.0 cannot carry (YAML refuses them too)."""
     return _XML_FORBIDDEN.sub("", text)
@@ -423,7 +428,8 @@ class SourceParser:
             raise SourceError(path, "front matter is not closed by ---", 1) from None
         # XML takes C1 controls, YAML does not: they are mojibake (cp1252's quotes).
         yaml_text, controls = _YAML_REFUSED.subn("", fm)
-        warnings = [f"front matter: {controls} control characters removed"] if controls else []
+        warnings = [f"front matter: {_count(controls, 'control character')} removed"
+                    ] if controls else []
         try:
             meta = self._load_yaml(yaml_text, warnings)
         except yaml.YAMLError as e:
@@ -463,7 +469,7 @@ class SourceParser:
                 raise
         meta = self._handler.load(joined)
         if lone:
-            warnings.append(f"front matter: {lone} lone surrogate escapes removed")
+            warnings.append(f"front matter: {_count(lone, 'lone surrogate escape')} removed")
         return meta
 
     def _article(self, path: str, meta: dict[Any, Any], body: str, mtime: datetime,

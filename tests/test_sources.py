@@ -549,7 +549,7 @@ def test_surrogate_escapes_as_json_writes_them_are_read_as_their_characters(
                                   'author: "lone \\ud800, kept \\\\ud800"'))
     assert article.title == "Rocket \U0001f680 launch \U0001f600"
     assert article.author == "lone , kept \\ud800"  # an escaped backslash, then text
-    assert article.warnings == ("front matter: 1 lone surrogate escapes removed",)
+    assert article.warnings == ("front matter: 1 lone surrogate escape removed",)
     # \U takes 8 digits: this is no code point, and no surrogate either.
     refused = refuse(parser, front('title: "\\UD83DDE80 \\ud83d"'))
     assert "invalid YAML front matter" in refused.reason
