@@ -6,6 +6,7 @@ depending on the clock, so an unchanged feed keeps its ETag. Writing is elsewher
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import html
 import json
@@ -23,7 +24,7 @@ from feedgen.feed import FeedEntry, FeedGenerator
 from lxml import etree
 
 from feeder import __version__
-from feeder.config import SLUG_MAX_BYTES, Config, ImagesConfig
+from feeder.config import SLUG_MAX_BYTES, Config, ImagesConfig, iri_to_uri
 from feeder.imagehtml import is_allowed, rewrite_image_urls
 from feeder.sources import article_guid
 from feeder.types import Article, CachedImageInfo
@@ -33,7 +34,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 FEED_FILES = ("rss.xml", "atom.xml", "feed.json")
 #: Bump when the same articles and settings give other files (slugs, templates, formats):
 #: the next refresh rebuilds everything, so no page keeps a link to a moved feed.
-OUTPUT_VERSION = 5
+OUTPUT_VERSION = 6
 CATEGORIES_FOLDER = "categories"
 ARTICLES_FOLDER = "articles"
 #: Longest slug made from a name, in characters (a URL of 1,000 helps no one); in bytes,
@@ -41,6 +42,8 @@ ARTICLES_FOLDER = "articles"
 MAX_SLUG_CHARS = 64
 #: Hex digits of a name's hash that tell slugs apart, tried in turn (then all 40).
 _SUFFIX_DIGITS = (6, 12)
+#: The Atom id of the feed of every article: a UUID of its own.
+_ALL_FEED_ID = "urn:uuid:14a12ca7-585b-4d89-9c35-edcf5c665f1e"
 
 
 @dataclass(frozen=True)
@@ -195,7 +198,9 @@ def _add_entry(entry: FeedEntry, article: Article, body: str,
     entry.published(article.published)
     entry.updated(article.last_change)
     entry.content(body, type="html")
-    entry.description(article.summary, isSummary=True)
+    # As HTML, escaped: readers read an RSS description as HTML, so text such as
+    # "a <b" must not be taken for markup. (feedgen writes it into both formats.)
+    entry.summary(html.escape(article.summary, quote=False), type="html")
     if article.author:
         entry.author({"name": article.author})
         entry.dc.dc_creator(article.author)
@@ -230,7 +235,8 @@ def _json_feed(feed: FeedInfo, articles: Sequence[Article], bodies: Sequence[str
         if shown is not None:
             item["image"] = cached[shown]
         elif article.headimg and not is_allowed(article.headimg, images_config):
-            item["image"] = article.headimg
+            with contextlib.suppress(ValueError):  # a host no URI can name
+                item["image"] = iri_to_uri(article.headimg)
         head = images.get(article.headimg or "")
         if head is not None:
             item["attachments"] = [{"url": cached[article.headimg or ""], "mime_type": head.mime,
@@ -258,7 +264,7 @@ def build_article_page(article: Article, images: Mapping[str, CachedImageInfo],
     )
     byline = " · ".join(filter(None, [
         esc(article.author or ""),
-        f'<time datetime="{_rfc3339(article.published)}">'
+        f'<time datetime="{_rfc3339(article.published, "seconds")}">'
         f'{article.published.astimezone(config.site.tz).strftime("%Y-%m-%d %H:%M %z")}</time>',
         categories,
     ]))
@@ -322,12 +328,15 @@ def _page(title: str, body: str, head: str) -> bytes:
 
 
 def _feed_guid(feed: FeedInfo) -> str:
-    """Feed id independent of ``site.base_url``."""
-    return article_guid(f"feed:{feed.category}" if feed.category else "feed:all")
+    """Feed id independent of ``site.base_url``; the feed of every article has one of
+    its own, which no category's can be (not even one named "all")."""
+    return article_guid(f"feed:{feed.category}") if feed.category is not None else _ALL_FEED_ID
 
 
-def _rfc3339(value: datetime) -> str:
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+def _rfc3339(value: datetime, timespec: str = "auto") -> str:
+    """``value`` in UTC, as ``2022-03-30T03:17:49Z``; HTML's ``<time>`` takes no
+    more than milliseconds, so pages ask for ``timespec="seconds"``."""
+    return value.astimezone(UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
 
 
 def _short_hash(name: str) -> str:
@@ -366,6 +375,7 @@ class _EnclosureEntryExtension(BaseEntryExtension):
     def extend_atom(self, entry: etree._Element) -> etree._Element:
         if self._enclosure:
             url, length, mime = self._enclosure
-            etree.SubElement(entry, "{http://www.w3.org/2005/Atom}link", rel="enclosure",
+            # In the feed's default namespace, as feedgen writes its own elements.
+            etree.SubElement(entry, "link", rel="enclosure",
                              href=url, length=str(length), type=mime)
         return entry

@@ -20,6 +20,7 @@ import reprlib
 import signal
 import stat
 import threading
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, timezone, tzinfo
@@ -564,7 +565,7 @@ class SourceParser:
 
 #: Bump when the same file and settings give another article (rendering, sanitizing):
 #: the next refresh parses every source again.
-PARSER_VERSION = 6
+PARSER_VERSION = 7
 
 
 def markdown_renderer() -> MarkdownIt:
@@ -728,6 +729,9 @@ def _text(value: Any) -> str | None:
     if isinstance(value, bytes):  # !!binary
         value = value.decode("utf-8", "replace")
     text = " ".join(strip_xml_forbidden(str(value)).split())
+    # One spelling of each character: "Café" typed either way is one category.
+    if not unicodedata.is_normalized("NFC", text):
+        text = unicodedata.normalize("NFC", text)
     return text or None
 
 

@@ -43,8 +43,9 @@ class Article:
 
     @property
     def last_change(self) -> datetime:
-        """The date feeds are dated by: ``updated``, else ``published``."""
-        return self.updated or self.published
+        """The date feeds are dated by: ``updated`` (if not before ``published``), else
+        ``published``."""
+        return max(self.updated, self.published) if self.updated else self.published
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import re
 from datetime import UTC, datetime, timedelta
@@ -332,6 +333,11 @@ def test_json_item_image_is_a_cached_head_image_else_thumbnail(config: Config) -
                              headimg="https://example.org/h.png")
     item = json.loads(build_feed(FINANCE, [elsewhere], {}, config)[JSON])["items"][0]
     assert item["image"] == "https://example.org/h.png"
+    # As a URI, as the item's link is.
+    spaced = make_article(config, "c.md", "C", datetime(2022, 3, 30, tzinfo=UTC),
+                          headimg="https://example.org/pics/a b/图.png")
+    item = json.loads(build_feed(FINANCE, [spaced], {}, config)[JSON])["items"][0]
+    assert item["image"] == "https://example.org/pics/a%20b/%E5%9B%BE.png"
 
 
 def test_html_in_titles_and_content_is_escaped(config: Config) -> None:
@@ -342,6 +348,42 @@ def test_html_in_titles_and_content_is_escaped(config: Config) -> None:
     for name in (RSS, ATOM):
         assert "bold" in parse_feed(docs[name]).entries[0].title
     assert json.loads(docs[JSON])["items"][0]["title"] == 'A <b>bold</b> & "quoted" title'
+
+
+def test_a_summary_that_looks_like_markup_is_shown_as_the_text_it_is(config: Config) -> None:
+    body = "<p>Use the &lt;video&gt; tag; a&lt;b and c&gt;d; write &amp;lt; for it.</p>"
+    text = article_text("T", body, date="2022-03-30T03:00:00+00:00")
+    article = SourceParser(config).parse("x.md", text.encode(), MTIME)
+    assert article.summary == "Use the <video> tag; a<b and c>d; write &lt; for it."
+    docs = build_feed(FINANCE, [article], {}, config)
+    for name in (RSS, ATOM):
+        summary = parse_feed(docs[name]).entries[0].summary
+        assert html.unescape(summary) == article.summary, name
+
+
+def test_a_page_dates_to_the_second_as_html_asks(config: Config) -> None:
+    when = datetime(2022, 3, 30, 3, 17, 49, 123456, tzinfo=UTC)
+    page = build_article_page(make_article(config, "a.md", "A", when), {}, {}, config)
+    assert b'<time datetime="2022-03-30T03:17:49Z">' in page
+
+
+def test_a_category_named_all_has_an_id_of_its_own(config: Config,
+                                                   articles: list[Article]) -> None:
+    ids = {parse_feed(build_feed(feed, articles, {}, config)[ATOM]).feed.id
+           for feed in (FeedInfo(None, "all", "All"), FeedInfo("all", "categories/all", "all"),
+                        FeedInfo("feed:all", "categories/feed-all", "feed:all"))}
+    assert len(ids) == 3
+
+
+def test_an_enclosure_is_an_atom_link_like_any_other(config: Config) -> None:
+    head = "https://img.cls.cn/images/h.png"
+    article = make_article(config, "a.md", "A", datetime(2022, 3, 30, tzinfo=UTC), headimg=head)
+    atom = build_feed(FINANCE, [article], {head: CachedImageInfo("h.png", 10, "image/png")},
+                      config)[ATOM]
+    assert b'<link rel="enclosure" href="http://feeds.example.test/images/h.png"' in atom
+    enclosure = parse_feed(atom).entries[0].enclosures[0]
+    assert (enclosure.href, enclosure.length, enclosure.type) == (
+        "http://feeds.example.test/images/h.png", "10", "image/png")
 
 
 # -- through a refresh: ordering and limits come from the store -------------------------

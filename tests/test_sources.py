@@ -220,6 +220,17 @@ def test_updated_forms(parser: SourceParser, line: str, expected: datetime) -> N
     assert article.last_change == expected
 
 
+def test_an_update_dated_before_the_article_dates_nothing(parser: SourceParser) -> None:
+    article = parse(parser, front("title: t\ndate: 2022-03-30 11:17:49\nupdated: 2022-01-01"))
+    assert article.last_change == article.published == SEED_DATE
+
+
+def test_names_typed_with_decomposed_accents_are_the_same_names(parser: SourceParser) -> None:
+    article = parse(parser, front("title: Cafe\u0301\ncategories: [Café, Cafe\u0301]\n"
+                                  "author: Ame\u0301lie"))
+    assert (article.title, article.categories, article.author) == ("Café", ("Café",), "Amélie")
+
+
 def test_no_date_uses_mtime_with_warning(parser: SourceParser) -> None:
     article = parse(parser, "---\ntitle: Undated\n---\nBody.\n")
     assert article.published == MTIME
