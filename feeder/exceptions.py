@@ -125,6 +125,11 @@ def failure_reason(error: Exception, config: Config) -> str:
     known = known_error(error, config)
     if known is not None:
         return str(known)
+    return type_and_message(error)
+
+
+def type_and_message(error: Exception) -> str:
+    """An error's type and message, as a traceback ends: ``KeyError: 'title'``."""
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 

@@ -28,13 +28,14 @@ from urllib.parse import SplitResult, urljoin, urlsplit
 import aiofiles
 import aiofiles.os
 import aiohttp
+from aiohttp import hdrs
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.http_exceptions import ContentLengthError
 from aiohttp.resolver import DefaultResolver
 
 from feeder import __version__
 from feeder.config import ImagesConfig
-from feeder.exceptions import ImageError
+from feeder.exceptions import ImageError, type_and_message
 from feeder.imagehtml import allowed_hosts, is_absolute_http, is_allowed, is_allowed_by, url_host
 from feeder.output import folder_names, temp_path, write_atomically
 
@@ -455,8 +456,14 @@ async def fetch_images(
             async with _open_session(config, resolver) as session:
 
                 async def fetch_and_report(url: str) -> None:
-                    report(await _fetch_image(session, limits, url, config, cache_dir,
-                                              failed_attempts))
+                    try:
+                        result = await _fetch_image(session, limits, url, config, cache_dir,
+                                                    failed_attempts)
+                    except Exception as e:  # a bug: logged, and one image fails, not all
+                        log.exception("%s: unexpected error while fetching", url)
+                        result = FailedImage(url, f"unexpected error: {type_and_message(e)}",
+                                             permanent=False, retry_after=None)
+                    report(result)
 
                 tasks: list[asyncio.Task[None]] = []
                 try:
@@ -474,9 +481,6 @@ async def fetch_images(
                     for task in tasks:
                         task.cancel()
                     await asyncio.gather(*tasks, return_exceptions=True)
-                for task in tasks:
-                    if not task.cancelled():
-                        task.result()  # a bug in a download is raised, not hidden
         finally:
             try:
                 await writer.close()
@@ -602,7 +606,7 @@ async def _attempt(
     except aiohttp.InvalidURL as e:
         raise ImageError(url, f"invalid URL {e.url}", permanent=True) from e
     except aiohttp.ClientError as e:
-        raise ImageError(url, f"{type(e).__name__}: {e}".rstrip(": ")) from e
+        raise ImageError(url, type_and_message(e)) from e
     except OSError as e:  # after the aiohttp errors, many of which are OSErrors
         raise _write_error(url, e) from e
 
@@ -634,8 +638,8 @@ def _redirect_target(
     location = response.headers.get("Location")
     if not location:
         raise ImageError(url, f"HTTP {response.status} without Location", permanent=True)
-    target = urljoin(current, location.strip())
     try:
+        target = urljoin(current, location.strip())  # "http://[::1" is a ValueError
         # A mirror need not know the origin's name, so it may redirect to itself.
         same_mirror = url_host(current) in _mirror_hosts(config) and _origin(
             urlsplit(target)
@@ -675,7 +679,9 @@ async def _save(
     length = response.content_length
     if length is not None and length > max_bytes:
         raise _too_large(url, max_bytes)
-    if length is not None and length <= BUFFER_BYTES:  # most images: read in one go
+    # Most images are read in one go; not an encoded body, whose Content-Length counts
+    # the bytes before aiohttp decodes them: 250 KB of gzip may make 250 MB.
+    if length is not None and length <= BUFFER_BYTES and not _is_encoded(response):
         body = await response.read()
         mime, extension = _image_kind(url, response, body[:SNIFF_BYTES])
         image = CachedImage(url=url, name=cache_name(url, extension), size=len(body), mime=mime)
@@ -720,6 +726,10 @@ async def _stream_to_cache(url: str, body: AsyncIterator[bytes], chunks: list[by
         part.unlink(missing_ok=True)
         raise
     return size
+
+
+def _is_encoded(response: aiohttp.ClientResponse) -> bool:
+    return response.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower() != "identity"
 
 
 def _write_error(url: str, error: OSError) -> ImageError:

@@ -35,7 +35,7 @@ from markdown_it import MarkdownIt
 from markdown_it.common.html_blocks import block_names
 
 from feeder.config import Config, iri_to_uri
-from feeder.exceptions import FeederError, SourceError, printable_path
+from feeder.exceptions import FeederError, SourceError, printable_path, type_and_message
 from feeder.imagehtml import ImageCollector, absolute_url, allowed_urls, show_lazy_images
 from feeder.types import Article, SourceFile, SourceStats
 
@@ -405,7 +405,7 @@ class SourceParser:
             raise
         except Exception as e:
             log.exception("%s: unexpected error while parsing", path)
-            raise SourceError(path, f"unexpected error: {type(e).__name__}: {e}") from e
+            raise SourceError(path, f"unexpected error: {type_and_message(e)}") from e
 
     def _parse(self, path: str, data: bytes, mtime: datetime) -> Article:
         self._images.take()  # nothing left from a parse that failed midway

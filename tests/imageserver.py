@@ -15,6 +15,7 @@ the requests in flight, so tests can check retries and concurrency limits::
 from __future__ import annotations
 
 import asyncio
+import gzip
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -102,6 +103,18 @@ def chunked(body: bytes, chunk_size: int = 64 * 1024, content_type: str = "image
             await response.write(body[start : start + chunk_size])
         await response.write_eof()
         return response
+
+    return handler
+
+
+def gzipped(body: bytes, content_type: str = "image/png") -> Handler:
+    """Serve ``body`` gzipped (``Content-Encoding: gzip``): its Content-Length is the
+    compressed size."""
+    compressed = gzip.compress(body, compresslevel=9)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=compressed, headers={
+            "Content-Type": content_type, "Content-Encoding": "gzip"})
 
     return handler
 

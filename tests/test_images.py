@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from feeder import __version__
+from feeder import images as images_module
 from feeder.config import ImagesConfig
 from feeder.imagehtml import is_allowed, rewrite_image_urls
 from feeder.images import (
@@ -42,6 +43,7 @@ from tests.imageserver import (
     WEBP,
     ImageServer,
     chunked,
+    gzipped,
     hang,
     image,
     png_of_size,
@@ -198,6 +200,20 @@ async def test_body_over_max_bytes_is_refused(server, cache, serve, cap):
     assert files(cache) == []  # no .part left either
 
 
+async def test_a_gzipped_body_is_held_to_max_bytes_once_decoded(server, cache):
+    cap = 1024 * 1024
+    server.route("/images/bomb.png", gzipped(png_of_size(64 * cap)))  # 64 KB on the wire
+    server.route("/images/small.png", gzipped(png_of_size(cap)))
+    config = config_for(server, max_bytes=cap)
+    bomb, small = await fetch_images(
+        [f"{ORIGIN}/images/bomb.png", f"{ORIGIN}/images/small.png"], config, cache)
+    assert bomb == FailedImage(f"{ORIGIN}/images/bomb.png", f"larger than {cap} bytes", True,
+                               None)
+    assert isinstance(small, CachedImage)
+    assert (cache / small.name).read_bytes() == png_of_size(cap)  # cached decoded
+    assert files(cache) == [small.name]
+
+
 @pytest.mark.parametrize("size", [200_000, 3 * BUFFER_BYTES], ids=["in-memory", "streamed"])
 async def test_chunked_body_within_max_bytes_is_cached(server, cache, size):
     body = png_of_size(size)
@@ -256,17 +272,20 @@ class RefusingAfter(ThreadPoolExecutor):
         return super().submit(*args, **kwargs)
 
 
-async def test_writes_with_no_thread_to_run_in_fail_loudly(server, cache):
+async def test_writes_with_no_thread_to_run_in_fail_loudly(server, cache, caplog):
     url = f"{ORIGIN}/images/a.png"
     server.route("/images/a.png", image(PNG + bytes(100)))
     loop = asyncio.get_running_loop()
     # Making the cache folder, checking the URLs, listing the cache: then the write.
     loop.set_default_executor(executor := RefusingAfter(3))
     try:
-        with pytest.raises(RuntimeError, match="after shutdown"):
-            await fetch_images([url], config_for(server), cache)
+        [result] = await fetch_images([url], config_for(server), cache)
     finally:
         executor.shutdown()
+    assert isinstance(result, FailedImage)
+    assert result.error.startswith("unexpected error: RuntimeError: ")
+    assert "after shutdown" in result.error
+    assert "unexpected error while fetching" in caplog.text
     assert files(cache) == []
 
 
@@ -379,6 +398,38 @@ async def test_redirect_to_disallowed_host_names_it(server, cache):
     result = await fetch_one(f"{ORIGIN}/images/a.png", config_for(server), cache)
     assert isinstance(result, FailedImage)
     assert result.error == "redirect to disallowed host evil.example"
+
+
+@pytest.mark.parametrize("location", ["http://[::1", "//[x/a.png", "https://img.cls.cn]/a.png"])
+async def test_a_redirect_to_no_valid_url_fails_that_image_alone(server, cache, location):
+    server.route("/images/bad.png", redirect(location))
+    server.route("/images/good.png", image(PNG))
+    bad, good = await fetch_images([f"{ORIGIN}/images/bad.png", f"{ORIGIN}/images/good.png"],
+                                   config_for(server), cache)
+    assert bad == FailedImage(f"{ORIGIN}/images/bad.png",
+                              f"redirect to invalid URL {location!r}", True, None)
+    assert isinstance(good, CachedImage)
+
+
+async def test_a_bug_in_one_download_fails_that_image_alone_and_is_logged(
+        server, cache, monkeypatch, caplog):
+    server.default = image(PNG)
+    sniff = images_module.sniff_image
+
+    def sniff_or_bug(head: bytes) -> tuple[str, str] | None:
+        if head.startswith(GIF[:6]):
+            raise KeyError("gif")
+        return sniff(head)
+
+    monkeypatch.setattr(images_module, "sniff_image", sniff_or_bug)
+    server.route("/images/bug.gif", image(GIF, "image/gif"))
+    urls = [f"{ORIGIN}/images/bug.gif", f"{ORIGIN}/images/a.png"]
+    bug, fine = await fetch_images(urls, config_for(server), cache)
+    assert bug == FailedImage(urls[0], "unexpected error: KeyError: 'gif'", False, None)
+    assert isinstance(fine, CachedImage)
+    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert record.getMessage() == f"{urls[0]}: unexpected error while fetching"
+    assert record.exc_info is not None
 
 
 async def test_redirect_loop_fails_after_three_hops(server, cache):
