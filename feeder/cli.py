@@ -211,6 +211,7 @@ def _display_path(file: Path, sources: Path) -> str:
 def status(loader: _ConfigLoader) -> None:
     """Show the last refreshes, failing sources and failing images."""
     from feeder.daemon import ask_daemon
+    from feeder.refresh import unfinished
 
     config = loader.load()
     with _known_errors(config):
@@ -229,7 +230,8 @@ def status(loader: _ConfigLoader) -> None:
             return
         store = Store.open(config.database)
         try:
-            _print_status(store, failure_shown=daemon is not None and not daemon["ok"])
+            _print_status(store, failure_shown=daemon is not None and not daemon["ok"],
+                          unfinished=unfinished(config, store))
         finally:
             store.close()
 
@@ -243,12 +245,14 @@ def _no_database_yet(config: Config) -> bool:
     return not state.exists() or (state.is_dir() and not config.database.exists())
 
 
-def _print_status(store: Store, failure_shown: bool) -> None:
+def _print_status(store: Store, failure_shown: bool, unfinished: bool) -> None:
     from feeder.refresh import RefreshSummary, last_failure
 
     failure = last_failure(store)
     if failure is not None and not failure_shown:
         click.echo(f"last refresh {failure[0]}: failed: {failure[1]}")
+    if unfinished:
+        click.echo("last refresh did not finish (stopped or killed): the next one completes it")
     refreshes = store.last_refreshes()
     if not refreshes:
         click.echo("never refreshed")

@@ -193,6 +193,7 @@ class Daemon:
                 raise
             self._lock.release()
         except RefreshAbandoned as e:
+            log.info("%s: the next refresh completes it", e)
             future.set_exception(e)
             return
         except Exception as e:  # a failed refresh never stops the daemon
@@ -419,7 +420,7 @@ def hold_daemon_lock(config: Config) -> Iterator[None]:
 
 
 async def run_daemon(config: Config) -> None:
-    """Serve and refresh until SIGTERM or SIGINT; then stop cleanly.
+    """Serve and refresh until SIGTERM, SIGINT or SIGHUP; then stop cleanly.
 
     Raises:
         DaemonRunningError: another daemon runs on the same ``paths.state``.
@@ -432,8 +433,14 @@ async def _serve_and_refresh(config: Config) -> None:
     """The daemon's life, once it holds the daemon lock."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+
+    def stop_on(sig: signal.Signals) -> None:
+        log.info("%s: stopping", sig.name)
+        stop.set()
+
+    # SIGHUP too (a closed terminal): its default would end the daemon on the spot.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, stop_on, sig)
     with open_refresher(config) as refresher:
         daemon = Daemon(config, refresher)
         async with _serving(config, daemon):
@@ -447,7 +454,6 @@ async def _serve_and_refresh(config: Config) -> None:
                      config.paths.feeds, config.server.host, config.server.port,
                      config.site.base_url)
             await stop.wait()
-            log.info("stopping")
             await daemon.stop()
             scheduler.shutdown(wait=False)
             if watch is not None:

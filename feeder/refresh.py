@@ -897,6 +897,18 @@ def collect_garbage(config: Config, store: Store) -> tuple[int, int, int]:
     return removed, freed, kept
 
 
+def unfinished(config: Config, store: Store) -> bool:
+    """Whether the last refresh begun neither finished nor failed (it was stopped or
+    killed) and none is running now: the next one completes what it left."""
+    if store.get_meta(_RUNNING) is None or store.get_meta(_FAILED) is not None:
+        return False
+    try:
+        with lock(config, wait=False):
+            return True
+    except (LockedError, PermissionError):  # running now; or not ours to tell
+        return False
+
+
 def last_failure(store: Store) -> tuple[str, str] | None:
     """When the last refresh failed (ISO 8601), and why, if none succeeded since."""
     text = store.get_meta(_FAILED)

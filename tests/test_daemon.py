@@ -187,20 +187,22 @@ class RunningDaemon:
         self.cli_procs.append(proc)
         return proc
 
-    async def terminate(self) -> int:
-        """SIGTERM, then wait at most 5 s for the exit status (TimeoutExpired if not)."""
-        self.proc.send_signal(signal.SIGTERM)
+    async def terminate(self, sig: signal.Signals = signal.SIGTERM) -> int:
+        """SIGTERM (or ``sig``), then wait at most 5 s for the exit status (TimeoutExpired
+        if not)."""
+        self.proc.send_signal(sig)
         return await asyncio.to_thread(self.proc.wait, 5)
 
-    async def sigterm(self) -> int:
-        """SIGTERM; the exit status, or the test fails if the daemon outlives 5 s."""
+    async def sigterm(self, sig: signal.Signals = signal.SIGTERM) -> int:
+        """SIGTERM (or ``sig``); the exit status, or the test fails if the daemon outlives
+        5 s."""
         try:
-            return await self.terminate()
+            return await self.terminate(sig)
         except subprocess.TimeoutExpired:
             self.check_exit = False
             self.proc.kill()
             await asyncio.to_thread(self.proc.wait)
-            pytest.fail(f"SIGTERM did not end the daemon within 5 s:\n{self.log()}")
+            pytest.fail(f"{sig.name} did not end the daemon within 5 s:\n{self.log()}")
 
 
 async def finish(proc: asyncio.subprocess.Process) -> CliResult:
@@ -877,16 +879,25 @@ async def test_sigterm_stops_an_idle_daemon(daemon: RunningDaemon):
 
 
 @pytest.mark.slow
-async def test_sigterm_during_a_cold_start_refresh_exits_0(start_daemon: StartDaemon):
-    """3000 articles and no state: SIGTERM while the first (scheduled) refresh parses them."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+async def test_sigterm_during_a_cold_start_refresh_exits_0(start_daemon: StartDaemon,
+                                                           sig: signal.Signals):
+    """3000 articles and no state: SIGTERM while the first (scheduled) refresh parses them.
+
+    SIGHUP (a terminal closed) stops it as cleanly, instead of killing it on the spot.
+    """
     daemon = await start_daemon(
         ready=False, prepare=lambda root: generate_articles(root / "sources", 3000))
     await daemon.wait_health(lambda h: h["refreshing"])
 
-    assert await daemon.sigterm() == 0
+    assert await daemon.sigterm(sig) == 0
 
+    assert f"{sig.name}: stopping" in daemon.log()
+    assert "refresh abandoned: the next refresh completes it" in daemon.log()
     assert_feeds_parse(daemon.feeds)  # whatever was written is whole
     assert not (daemon.state / "control.sock").exists()
+    status = await daemon.cli("status")
+    assert "last refresh did not finish (stopped or killed)" in status.stdout, status
     # What was done is kept and the rest is done by the next refresh (here, in-process).
     after = await daemon.cli("refresh")
     assert after.returncode == 0, after
@@ -894,6 +905,7 @@ async def test_sigterm_during_a_cold_start_refresh_exits_0(start_daemon: StartDa
     assert "3001 articles" in after.stdout
     assert count_files(daemon.feeds / "articles") == 3001
     assert assert_feeds_parse(daemon.feeds) >= 6  # all/ and at least a category
+    assert "did not finish" not in (await daemon.cli("status")).stdout
 
 
 @pytest.mark.slow
