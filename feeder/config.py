@@ -176,9 +176,17 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         raise ConfigError("", f"{file}: cannot read: {e}") from e
     try:
         raw = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    except (yaml.YAMLError, ValueError) as e:  # ValueError: a date like 2022-02-30
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else str(file)
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError("", f"{where}: invalid YAML: {problem}") from e
+    except ValueError as e:  # a date like 2022-02-30
         raise ConfigError("", f"{file}: invalid YAML: {e}") from e
-    return config_from_dict(raw or {}, file.resolve().parent)
+    try:
+        return config_from_dict(raw or {}, file.resolve().parent)
+    except ConfigError as e:
+        raise ConfigError(e.key, e.problem, file=str(file)) from None
 
 
 def config_from_dict(raw: Any, root: Path) -> Config:
@@ -189,7 +197,9 @@ def config_from_dict(raw: Any, root: Path) -> Config:
             raise ConfigError(str(key), f"unknown section (known: {', '.join(_SECTIONS)})")
     sections = {}
     for name, cls in _SECTIONS.items():
-        value = raw.get(name) or {}
+        value = raw.get(name)
+        if value is None:  # `server:` with nothing under it: the defaults
+            value = {}
         _expect(value, dict, name, "a mapping")
         sections[name] = _build_section(name, cls, value, root)
     site, feeds = sections["site"], sections["feeds"]

@@ -38,12 +38,14 @@ class FeederError(Exception):
 
 
 class ConfigError(FeederError):
-    """The configuration is invalid; ``key`` names the offending key."""
+    """The configuration is invalid; ``key`` names the offending key, ``file`` its file."""
 
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}" if key else message)
+    def __init__(self, key: str, message: str, file: str = "") -> None:
+        super().__init__(": ".join(part for part in (file, key, message) if part))
         #: The dotted config key, e.g. ``images.max_bytes``; empty for the file itself.
         self.key = key
+        #: What is wrong with it.
+        self.problem = message
 
 
 class SourceError(FeederError):

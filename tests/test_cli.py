@@ -306,7 +306,7 @@ def test_bad_config_names_the_key(tmp_path: Path, overrides: dict[str, dict[str,
     config_file = write_config_file(tmp_path, **overrides)
     result = CliRunner().invoke(cli, ["-c", str(config_file), command])
     assert result.exit_code != 0
-    assert key in result.output
+    assert f"Error: config: {config_file}: {key}: " in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "feeds").exists()
 

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from feeder.cli import cli
-from feeder.config import config_from_dict
+from feeder.config import config_from_dict, load_config
 from feeder.exceptions import ConfigError
 from tests.conftest import article_text, config_dict, make_config, write_config_file
 
@@ -113,6 +113,31 @@ def test_a_day_is_the_longest_wait(tmp_path: Path) -> None:
     images = make_config(tmp_path, images={"deadline": 0.5, "timeout": 86400}).images
     assert (images.deadline, images.timeout) == (0.5, 86400.0)
     assert refused(tmp_path, images={"timeout": 86400.5}).startswith("images.timeout: ")
+
+
+def test_a_yaml_error_is_one_line_naming_the_file_line_and_column(tmp_path: Path) -> None:
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text("site: {title: t}\nserver: {port: 1\n", encoding="utf-8")
+    result = CliRunner().invoke(cli, ["-c", str(config_file), "status"])
+    assert result.exit_code == 1
+    assert result.output == (f"Error: config: {config_file}:3:1: invalid YAML: "
+                             "did not find expected ',' or '}'\n")
+
+
+@pytest.mark.parametrize("value", ["''", "0", "false", "[]"])
+def test_a_section_that_is_no_mapping_is_refused_even_if_empty(tmp_path: Path,
+                                                               value: str) -> None:
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(f"server: {value}\n", encoding="utf-8")
+    result = CliRunner().invoke(cli, ["-c", str(config_file), "status"])
+    assert result.exit_code == 1
+    assert f"Error: config: {config_file}: server: must be a mapping" in result.output
+
+
+def test_a_section_with_nothing_under_it_takes_the_defaults(tmp_path: Path) -> None:
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text("server:\nimages:\n", encoding="utf-8")
+    assert load_config(config_file).server.port == 8080
 
 
 def test_an_impossible_date_in_the_file_is_a_config_error(tmp_path: Path) -> None:
