@@ -283,6 +283,10 @@ def _check(config: Config, root: Path) -> None:
     except (ZoneInfoNotFoundError, ValueError) as e:
         raise ConfigError("site.timezone", f"unknown time zone {config.site.timezone!r}") from e
     _check_url("site.base_url", config.site.base_url)
+    for i, host in enumerate(config.images.allowed_hosts):
+        if not _HOST_NAME.fullmatch(host):
+            raise ConfigError(f"images.allowed_hosts[{i}]", f"{host!r} is not a host name "
+                              "such as img.cls.cn (no scheme, port, path or wildcard)")
     for origin, mirror in config.images.origins.items():
         _check_url(_dotted("images.origins", origin), origin)
         _check_url(_dotted("images.origins", origin), mirror)
@@ -314,6 +318,8 @@ def _check_paths(paths: PathsConfig, root: Path) -> None:
                                               f"around it ({folder})")
 
 
+#: A host name (any script), an IPv4 address, or an IPv6 one as a URL's host gives it.
+_HOST_NAME = re.compile(r"[^\x00-\x20\x7f/\\:@?#*\[\]%]+|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*")
 #: What :func:`iri_to_uri` leaves as it is besides letters, digits and ``_.-~``: URI
 #: delimiters, and ``%`` (a URL's escapes are kept as they are).
 _URI_SAFE = "!#$%&'()*+,/:;=?@[]"

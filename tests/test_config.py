@@ -115,6 +115,19 @@ def test_a_day_is_the_longest_wait(tmp_path: Path) -> None:
     assert refused(tmp_path, images={"timeout": 86400.5}).startswith("images.timeout: ")
 
 
+@pytest.mark.parametrize("host", ["https://img.cls.cn", "*.cls.cn", "img.cls.cn:443",
+                                  "img.cls.cn/", "img.cls.cn ", "", "user@img.cls.cn"])
+def test_an_allowed_host_no_url_can_have_is_refused(tmp_path: Path, host: str) -> None:
+    message = refused(tmp_path, images={"allowed_hosts": ["img.cls.cn", host]})
+    assert message.startswith(f"images.allowed_hosts[1]: {host!r} is not a host name")
+
+
+def test_allowed_hosts_take_names_in_any_script_and_addresses(tmp_path: Path) -> None:
+    hosts = ("IMG.cls.cn.", "图片.例子", "127.0.0.1", "::1", "2001:db8::1")
+    assert make_config(tmp_path, images={"allowed_hosts": list(hosts)}).images.allowed_hosts \
+        == hosts
+
+
 def test_a_yaml_error_is_one_line_naming_the_file_line_and_column(tmp_path: Path) -> None:
     config_file = tmp_path / "config.yaml"
     config_file.write_text("site: {title: t}\nserver: {port: 1\n", encoding="utf-8")
