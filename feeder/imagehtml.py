@@ -96,7 +96,12 @@ def _start_tag(name: str, attributes: dict[str, str]) -> str:
 
 def _escaped(value: str) -> str:
     """An attribute's value as nh3 writes it between double quotes."""
-    return value.replace("&", "&amp;").replace('"', "&quot;")
+    return value.translate(_NH3_ATTRIBUTE_ESCAPES)
+
+
+#: What nh3 (html5ever) escapes in an attribute's value; ``&`` first, as translate does.
+_NH3_ATTRIBUTE_ESCAPES: Final = str.maketrans(
+    {"&": "&amp;", '"': "&quot;", "<": "&lt;", ">": "&gt;", "\xa0": "&nbsp;"})
 
 
 def _joined(candidates: list[tuple[str, str]]) -> str:

@@ -33,6 +33,8 @@ from feeder.images import (
     sniff_image,
     split_refused,
 )
+from feeder.sources import SourceParser
+from tests.conftest import article_text
 from tests.imagerefs import extract_image_urls
 from tests.imageserver import (
     GIF,
@@ -695,6 +697,18 @@ def test_rewrite_url_written_with_entities():
     assert rewrite_image_urls(html, mapping) == (
         '<p><img src="/i/a.png?&amp;"><img src="/images/b.png"></p>'
     )
+
+
+@pytest.mark.parametrize("odd", ["<", ">", "\xa0", "&lt;"])
+def test_rewrite_a_url_nh3_escapes_characters_of(odd, config):
+    """nh3 writes <, > and a no-break space in an attribute as entities: still found."""
+    url = f"{ORIGIN}/images/a{odd}b.png"
+    body = f'<p><img src="{html_lib.escape(url)}" srcset="{html_lib.escape(url)} 2x"></p>'
+    article = SourceParser(config).parse("a.md", article_text("A", body).encode(),
+                                         datetime(2022, 1, 1, tzinfo=UTC))
+    assert article.images == (url,)
+    rewritten = rewrite_image_urls(article.content, {url: "/images/x.png"})
+    assert '<img src="/images/x.png" srcset="/images/x.png 2x"' in rewritten
 
 
 def test_rewrite_changes_nothing_else():
