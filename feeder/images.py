@@ -236,8 +236,14 @@ def _mirror_hosts(config: ImagesConfig) -> frozenset[str]:
 def _is_public(address: str) -> bool:
     """False for loopback, private, link-local, unspecified, multicast, reserved... addresses."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.is_site_local:  # deprecated, and not global; Python counts it as global
+            return False
+        # An IPv4 address inside an IPv6 one, mapped or 6to4. (Teredo's 2001::/32 is
+        # no global address at all.)
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is not None:
+            return _is_public(str(embedded))
     return ip.is_global and not (
         ip.is_multicast or ip.is_reserved or ip.is_loopback or ip.is_link_local
         or ip.is_private or ip.is_unspecified

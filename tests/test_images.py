@@ -501,7 +501,9 @@ async def test_mirror_host_by_name_may_be_loopback(server, cache):
         ("fd12:3456::1", False), ("fe80::1%eth0", False), ("ff02::1", False),
         ("::ffff:127.0.0.1", False), ("::ffff:10.0.0.1", False), ("::ffff:0.0.0.0", False),
         ("93.184.216.34", True), ("2606:2800:220:1:248:1893:25c8:1946", True),
-        ("::ffff:93.184.216.34", True),
+        ("::ffff:93.184.216.34", True), ("2002:7f00:1::1", False), ("2002:a00:1::1", False),
+        ("2002:5db8:d822::1", True), ("fec0::1", False),
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", False),
     ],
 )
 def test_public_addresses(address, public):
