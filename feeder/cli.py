@@ -265,7 +265,8 @@ def _print_status(store: Store, failure_shown: bool, unfinished: bool) -> None:
         if error:
             failing.append(f"failing source {shown}: {error}")
         warned += [f"source {shown}: warning: {warning}" for warning in warnings]
-    images = [f"failing image {image.url}: {image.error} ({image.failures} failures, "
+    images = [f"failing image {printable_path(image.url)}: {image.error} "
+              f"({image.failures} failures, "
               f"next attempt {image.next_attempt:%Y-%m-%d %H:%M:%S}Z)"
               for image in store.failing_images()]
     _echo_some(failing, "failing sources (feeder check lists them all)")

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from feeder.config import Config
 
 
+#: Longest reason an image failed for that is kept, in characters.
+_MAX_REASON = 300
 #: Control characters: escaped in a path shown.
 _CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
 
@@ -23,6 +25,12 @@ def printable_path(path: str) -> str:
     control characters (a newline would forge a line of output), as ``\\xNN``."""
     text = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return _CONTROLS.sub(lambda char: f"\\x{ord(char[0]):02x}", text)
+
+
+def one_line(text: str, limit: int = _MAX_REASON) -> str:
+    """``text`` with each run of whitespace (line ends too) one space, cut to ``limit``."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class FeederError(Exception):
@@ -77,10 +85,12 @@ class ImageError(FeederError):
 
     def __init__(self, url: str, reason: str, *, permanent: bool = False,
                  retry_after: float | None = None) -> None:
+        # aiohttp's messages may quote the server's answer, over several lines.
+        reason = one_line(reason)
         super().__init__(f"{url}: {reason}")
         #: The image's original URL.
         self.url = url
-        #: Why it failed, without the URL.
+        #: Why it failed, without the URL: one line.
         self.reason = reason
         #: True when retrying within this refresh is pointless (404, not an image...).
         self.permanent = permanent

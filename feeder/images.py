@@ -35,7 +35,7 @@ from aiohttp.resolver import DefaultResolver
 
 from feeder import __version__
 from feeder.config import ImagesConfig
-from feeder.exceptions import ImageError, type_and_message
+from feeder.exceptions import ImageError, one_line, type_and_message
 from feeder.imagehtml import allowed_hosts, is_absolute_http, is_allowed, is_allowed_by, url_host
 from feeder.output import folder_names, temp_path, write_atomically
 
@@ -467,8 +467,8 @@ async def fetch_images(
                                                     failed_attempts)
                     except Exception as e:  # a bug: logged, and one image fails, not all
                         log.exception("%s: unexpected error while fetching", url)
-                        result = FailedImage(url, f"unexpected error: {type_and_message(e)}",
-                                             permanent=False, retry_after=None)
+                        reason = one_line(f"unexpected error: {type_and_message(e)}")
+                        result = FailedImage(url, reason, permanent=False, retry_after=None)
                     report(result)
 
                 tasks: list[asyncio.Task[None]] = []

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from feeder import __version__
 from feeder import images as images_module
 from feeder.config import ImagesConfig
+from feeder.exceptions import ImageError
 from feeder.imagehtml import is_allowed, rewrite_image_urls
 from feeder.images import (
     _TASK_BATCH,
@@ -755,6 +756,12 @@ def test_extract_and_rewrite_roundtrip(paths, texts, use_srcset):
 
 
 # -- pure helpers -------------------------------------------------------------------------
+
+
+def test_an_image_error_is_one_line_of_a_few_hundred_characters():
+    assert ImageError("u", "broken body: 400, message:\n  Can not decode").reason == (
+        "broken body: 400, message: Can not decode")
+    assert len(ImageError("u", "x" * 10_000).reason) == 300
 
 
 _URL_CHARS = st.text(st.sampled_from("htps:/[]@.%?#-_~aAZ09 \t\nKkſé０／"), max_size=24)

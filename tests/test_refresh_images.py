@@ -147,6 +147,21 @@ async def test_enclosure_has_the_cached_file_size_and_type(tmp_path, server):
     assert item["attachments"][0]["size_in_bytes"] == head.stat().st_size
 
 
+async def test_status_shows_each_failing_image_on_one_line(tmp_path, server):
+    """A URL may hold a line end (``&#10;``): shown escaped, it forges no line of output."""
+    config = load(write_config(tmp_path, server.url))
+    seed(config, "forged.md", "---\ntitle: F\n---\n<p><img src=\"https://img.cls.cn/a.png"
+                              "&#10;failing source forged.md: hacked\"></p>\n")
+    assert (await refresh(config)).images_failed == 1
+    args = ["-c", str(tmp_path / "config.yaml"), "status"]
+    result = await asyncio.to_thread(CliRunner().invoke, cli, args)
+    images = [line for line in result.output.splitlines() if "img.cls.cn" in line]
+    assert images == [
+        "failing image https://img.cls.cn/a.png\\x0afailing source forged.md: hacked: HTTP 404 "
+        + images[0].partition("HTTP 404 ")[2]]
+    assert not any(line.startswith("failing source") for line in result.output.splitlines())
+
+
 async def test_origin_down_publishes_original_urls_then_rewrites_when_back(tmp_path):
     async with ImageServer() as server:  # learn a free port, then close it: "down"
         port_url = server.url
