@@ -118,24 +118,33 @@ def slugify(name: str) -> str:
     return slug or "c-" + _short_hash(name)
 
 
-def category_slugs(categories: Iterable[str], overrides: Mapping[str, str]) -> dict[str, str]:
+def category_slugs(categories: Iterable[str], overrides: Mapping[str, str],
+                   published: Mapping[str, str] | None = None) -> dict[str, str]:
     """Slug of each category, each its own folder on any file system.
 
-    Categories sharing a slug, or whose slugs differ only in case, all get a suffix:
-    a hash of the name, long enough not to be another category's slug. A slug from
-    ``overrides`` (``feeds.slugs``) is kept as it is: a category whose own slug is
-    the same gives way.
+    A slug from ``overrides`` (``feeds.slugs``) is kept as it is. Then a category
+    keeps the slug it was last ``published`` under, so that a reader subscribed to
+    its feed keeps it when another category comes to want the same folder. The
+    others get their own slug (:func:`slugify`). A category that would share its
+    folder with one before it, or with another of its kind, even differing only in
+    case, gets a suffix: a hash of its name, long enough to be no other's slug.
     """
-    configured = {name: overrides[name] for name in categories if overrides.get(name)}
-    wanted = {name: configured.get(name) or slugify(name) for name in categories}
-    count = Counter(slug.casefold() for slug in wanted.values())
-    reserved = Counter(slug.casefold() for slug in configured.values())
-    slugs = {name: slug for name, slug in wanted.items()
-             if (reserved if name in configured else count)[slug.casefold()] == 1}
-    taken = {slug.casefold() for slug in slugs.values()}
-    for name in sorted(wanted.keys() - slugs.keys()):
+    published = published or {}
+    names = list(categories)
+    slugs: dict[str, str] = {}
+    taken: set[str] = set()
+    for wanted in ({name: overrides.get(name) for name in names},
+                   {name: published.get(name) for name in names},
+                   {name: slugify(name) for name in names}):
+        free = {name: slug for name, slug in wanted.items() if slug and name not in slugs}
+        count = Counter(slug.casefold() for slug in free.values())
+        for name, slug in free.items():
+            if count[slug.casefold()] == 1 and slug.casefold() not in taken:
+                slugs[name] = slug
+        taken |= {slug.casefold() for slug in slugs.values()}
+    for name in sorted(set(names) - slugs.keys()):
         digest = _name_hash(name)
-        candidates = [f"{wanted[name]}-{digest[:n]}" for n in (*_SUFFIX_DIGITS, len(digest))]
+        candidates = [f"{slugify(name)}-{digest[:n]}" for n in (*_SUFFIX_DIGITS, len(digest))]
         slug = next((c for c in candidates if c.casefold() not in taken), candidates[-1])
         slugs[name] = slug
         taken.add(slug.casefold())

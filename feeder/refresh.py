@@ -619,12 +619,12 @@ class Refresher:
         """Rebuild what changed; write only files whose bytes differ. Returns files written."""
         changes.merge_json(self.store.get_meta(_PENDING))
         counts = self.store.categories()
-        slugs = category_slugs(counts, self.config.feeds.slugs)
+        stored_slugs = self.store.get_meta(_SLUGS)
+        old_slugs = json.loads(stored_slugs) if stored_slugs else {}
+        slugs = category_slugs(counts, self.config.feeds.slugs, published=old_slugs)
         feeds = feed_infos(self.config, slugs)
         fingerprint = self._fingerprint()
         everything = self.store.get_meta(_FINGERPRINT) != fingerprint
-        stored_slugs = self.store.get_meta(_SLUGS)
-        old_slugs = json.loads(stored_slugs) if stored_slugs else {}
         pages_seen = _folder_state(self.output.path(ARTICLES_FOLDER))
         pages_known = self.store.get_meta(_PAGES_STATE)
         if everything:

@@ -125,6 +125,23 @@ def test_slugs_differing_only_in_case_both_get_a_suffix() -> None:
     assert slugs["金融"] == "金融"
 
 
+def test_a_published_slug_is_kept_and_the_newcomer_gets_the_suffix() -> None:
+    suffix = {name: "-" + hashlib.sha1(name.encode()).hexdigest()[:6]
+              for name in ("a b", "a.b", "tech", "Tech")}
+    published = {"a/b": "a-b", "Tech": "Tech"}
+    assert category_slugs(["a/b", "a b", "a.b", "Tech", "tech"], {}, published) == {
+        "a/b": "a-b", "a b": "a-b" + suffix["a b"], "a.b": "a-b" + suffix["a.b"],
+        "Tech": "Tech", "tech": "tech" + suffix["tech"]}
+    # Published with a suffix, while its twin was there: kept after the twin left.
+    assert category_slugs(["Tech"], {}, {"Tech": "Tech" + suffix["Tech"]}) == {
+        "Tech": "Tech" + suffix["Tech"]}
+
+
+def test_a_configured_slug_takes_a_published_one_which_moves() -> None:
+    slugs = category_slugs(["金融", "深度"], {"深度": "finance"}, {"金融": "finance"})
+    assert slugs == {"深度": "finance", "金融": "金融"}
+
+
 def test_a_long_name_gets_a_short_slug_of_its_own() -> None:
     # 4-byte letters: 64 of them are 256 bytes, more than a folder name may have.
     names = ["a" * 300, "a" * 299, "长" * 200, "𠀀" * 64, "𝐀" * 100, "𝐀" * 100 + "!"]

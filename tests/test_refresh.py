@@ -32,7 +32,7 @@ import feeder.refresh
 import feeder.sources
 from feeder.config import Config, load_config
 from feeder.exceptions import FeederError, LockedError, RefreshAbandoned
-from feeder.feeds import article_page_path
+from feeder.feeds import article_page_path, category_slugs
 from feeder.output import OutputFolder
 from feeder.refresh import Refresher, RefreshSummary, lock, open_refresher
 from feeder.sources import SourceRead, article_id
@@ -456,18 +456,43 @@ def linked_feed_files(config: Config, page: str) -> list[str]:
             if href.startswith(prefix)]
 
 
-async def test_a_page_follows_its_category_feed_to_a_new_slug(config: Config) -> None:
+async def test_a_category_keeps_its_folder_when_another_comes_to_want_it(
+        config: Config) -> None:
+    """Readers subscribed to a category's feed keep it: the newcomer gets the suffix."""
+    write_source(config, "cpp.md", dated("C++ 1", 1, "C++"), mtime=T0)
+    write_source(config, "news.md", dated("News 1", 1, "News"), mtime=T0)
+    await refresh(config)
+    page = article_page_path(article_id("cpp.md"))
+    assert linked_feed_files(config, page) == ["categories/C/rss.xml"]
+    # "C#" slugs to "C" too, and "news" to "News" but for case.
+    write_source(config, "cs.md", dated("C# 1", 2, "C#"), mtime=T0)
+    write_source(config, "news2.md", dated("news 1", 2, "news"), mtime=T0)
+    await refresh(config)
+    assert linked_feed_files(config, page) == ["categories/C/rss.xml"]
+    assert titles(config, "categories/C") == ["C++ 1"]
+    assert titles(config, "categories/News") == ["News 1"]
+    folders = sorted(p.name for p in (config.paths.feeds / "categories").iterdir())
+    published = {"C++": "C", "News": "News"}
+    newcomers = category_slugs(["C++", "C#", "News", "news"], {}, published)
+    assert folders == sorted(["C", "News", newcomers["C#"], newcomers["news"]])
+    assert newcomers["C#"].startswith("C-")
+    assert newcomers["news"].startswith("news-")
+
+
+async def test_a_page_follows_its_category_feed_to_a_new_slug(config: Config,
+                                                              tmp_path: Path) -> None:
     write_source(config, "cpp.md", dated("C++ 1", 1, "C++"), mtime=T0)
     await refresh(config)
     page = article_page_path(article_id("cpp.md"))
     assert linked_feed_files(config, page) == ["categories/C/rss.xml"]
-    # "C#" slugs to "C" too: both now get a suffix, and "C++"'s feed moves.
-    write_source(config, "cs.md", dated("C# 1", 2, "C#"), mtime=T0)
-    await refresh(config)
-    [moved] = linked_feed_files(config, page)
+    # The config gives "C" to "C#": "C++" moves, its page with it.
+    moved_config = make_config(tmp_path, feeds={"slugs": {"C#": "C"}})
+    write_source(moved_config, "cs.md", dated("C# 1", 2, "C#"), mtime=T0)
+    await refresh(moved_config)
+    [moved] = linked_feed_files(moved_config, page)
     assert moved != "categories/C/rss.xml"
     assert (config.paths.feeds / moved).is_file()
-    assert not (config.paths.feeds / "categories" / "C").exists()
+    assert titles(config, "categories/C") == ["C# 1"]
 
 
 async def test_a_category_too_long_for_a_folder_name_is_published(config: Config) -> None:
@@ -1229,6 +1254,9 @@ async def test_after_interrupted_refreshes_the_output_is_what_a_fresh_build_give
     await refresh(config)
     fresh = make_config(tmp_path / "fresh", feeds={"items": 2})
     shutil.copytree(config.paths.sources, fresh.paths.sources)
+    # Categories keep the folders they were published in: a fresh build is told them.
+    with open_refresher(config) as live, open_refresher(fresh) as new, new.store.transaction():
+        new.store.set_meta("slugs", live.store.get_meta("slugs") or "{}")
     await refresh(fresh)
     assert contents(config.paths.feeds) == contents(fresh.paths.feeds)
 
