@@ -18,7 +18,7 @@ import os
 import random
 import socket
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -408,11 +408,34 @@ class _Limits:
     #: Size of each per-host semaphore.
     per_host_size: int
     writer: _CacheWriter
+    #: Per requested ``host:port``: when it may be asked again (loop time), as its
+    #: ``Retry-After`` said. It asked for the host, not one image.
+    resume: dict[str, float] = field(default_factory=dict)
 
     def host(self, host: str) -> asyncio.Semaphore:
         if host not in self.per_host:
             self.per_host[host] = asyncio.Semaphore(self.per_host_size)
         return self.per_host[host]
+
+    def pause(self, host: str, seconds: float) -> None:
+        """Ask ``host`` nothing for ``seconds`` (its ``Retry-After``)."""
+        until = asyncio.get_running_loop().time() + seconds
+        self.resume[host] = max(self.resume.get(host, until), until)
+
+    async def wait_for(self, host: str, url: str) -> None:
+        """Wait until ``host`` may be asked again, each waiter a random bit more, so
+        they do not all come back at once.
+
+        Raises:
+            ImageError: the wait is longer than :data:`MAX_RETRY_WAIT`: ``url`` is
+                left to the next refresh.
+        """
+        loop = asyncio.get_running_loop()
+        while (wait := self.resume.get(host, 0.0) - loop.time()) > 0:
+            if wait > MAX_RETRY_WAIT:
+                raise ImageError(url, f"{host} asked for {wait:.0f} s without requests "
+                                      "(Retry-After)", retry_after=wait)
+            await asyncio.sleep(wait + random.uniform(0, min(1.0, wait / 4)))
 
 
 async def fetch_images(
@@ -549,12 +572,13 @@ async def _fetch_image(
             failure = FailedImage(url, e.reason, e.permanent, e.retry_after)
         failed_attempts[url] = failure
         log.debug("%s: attempt %d: %s", url, attempt + 1, failure.error)
+        if failure.retry_after is not None:  # every download from the host waits for it
+            limits.pause(host, failure.retry_after)
         if failure.permanent or attempt + 1 == config.attempts:
             return failure
         if failure.retry_after is not None and failure.retry_after > MAX_RETRY_WAIT:
             return failure  # the next refresh retries, once the server is ready
-        backoff = 0.2 * 2**attempt + random.uniform(0, 0.2)
-        await asyncio.sleep(max(backoff, failure.retry_after or 0.0))
+        await asyncio.sleep(0.2 * 2**attempt + random.uniform(0, 0.2))
     raise AssertionError("config.attempts must be at least 1")
 
 
@@ -568,11 +592,13 @@ async def _fetch_once(
     machine, writing each image before the next download halves the rate. (That
     write is not under ``config.timeout``: a thread's write cannot be interrupted.)
     """
-    async with limits.host(host), limits.overall:
-        downloaded = await _attempt(session, url, target, config, cache_dir)
-        if not downloaded.chunks:  # streamed to the cache already
-            return downloaded.image
-        await limits.writer.reserve()  # a slow disk slows the downloads, not the memory
+    async with limits.host(host):
+        await limits.wait_for(host, url)  # in the host's turn: nothing else asks it meanwhile
+        async with limits.overall:
+            downloaded = await _attempt(session, url, target, config, cache_dir)
+            if not downloaded.chunks:  # streamed to the cache already
+                return downloaded.image
+            await limits.writer.reserve()  # a slow disk slows the downloads, not the memory
     try:
         await limits.writer.write(cache_dir / downloaded.image.name, downloaded.chunks)
     except OSError as e:

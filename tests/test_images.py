@@ -44,6 +44,7 @@ from tests.imageserver import (
     PNG,
     SVG,
     WEBP,
+    Handler,
     ImageServer,
     chunked,
     gzipped,
@@ -161,6 +162,40 @@ async def test_429_long_retry_after_is_left_to_the_next_refresh(server, cache):
     assert result == FailedImage(f"{ORIGIN}/images/a.png", "HTTP 429", False, 120.0)
     assert server.requests["/images/a.png"] == 1
     assert time.monotonic() - started < 5
+
+
+def first_answer(first: Handler, then: Handler, arrivals: list[float]) -> Handler:
+    """``first`` for the server's first request, whatever its path; ``then`` for others."""
+
+    async def handler(request):
+        arrivals.append(time.monotonic())
+        return await (first if len(arrivals) == 1 else then)(request)
+
+    return handler
+
+
+async def test_a_short_retry_after_holds_every_download_from_the_host(server, cache):
+    arrivals: list[float] = []
+    server.default = first_answer(status(429, {"Retry-After": "1"}), image(PNG), arrivals)
+    urls = [f"{ORIGIN}/images/{n}.png" for n in range(6)]
+    results = await fetch_images(urls, config_for(server, per_host=2), cache)
+    assert all(isinstance(result, CachedImage) for result in results)
+    # The one asked at the same time as the first may be on its way; no other is.
+    assert sum(arrival - arrivals[0] < 1 for arrival in arrivals) <= 2
+
+
+async def test_a_long_retry_after_leaves_every_image_of_the_host_to_the_next_refresh(
+        server, cache):
+    arrivals: list[float] = []
+    server.default = first_answer(status(429, {"Retry-After": "120"}), image(PNG), arrivals)
+    urls = [f"{ORIGIN}/images/{n}.png" for n in range(6)]
+    results = await fetch_images(urls, config_for(server, per_host=1), cache)
+    assert results[0] == FailedImage(urls[0], "HTTP 429", False, 120.0)
+    for result in results[1:]:
+        assert isinstance(result, FailedImage)
+        assert result.error.endswith(" s without requests (Retry-After)")
+        assert result.retry_after == pytest.approx(120, abs=5)
+    assert server.total_requests == 1
 
 
 async def test_503_retry_after_as_http_date(server, cache):
