@@ -438,9 +438,11 @@ async def _serve_and_refresh(config: Config) -> None:
         log.info("%s: stopping", sig.name)
         stop.set()
 
-    # SIGHUP too (a closed terminal): its default would end the daemon on the spot.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.add_signal_handler(sig, stop_on, sig)
+        # SIGHUP (a closed terminal) would end it on the spot, unless ignored: `nohup`
+        # asks to outlive the terminal.
+        if sig != signal.SIGHUP or signal.getsignal(sig) != signal.SIG_IGN:
+            loop.add_signal_handler(sig, stop_on, sig)
     with open_refresher(config) as refresher:
         daemon = Daemon(config, refresher)
         async with _serving(config, daemon):

@@ -234,12 +234,15 @@ def _error_line(result: CliResult) -> str:
     return line
 
 
-def _spawn_daemon(config_file: Path, log_file: Path) -> subprocess.Popen[bytes]:
+def _spawn_daemon(config_file: Path, log_file: Path, *,
+                  nohup: bool = False) -> subprocess.Popen[bytes]:
+    """``feeder run``; with ``nohup``, SIGHUP ignored, as ``nohup`` starts it."""
     with open(log_file, "ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "feeder", "-c", str(config_file), "run"],
             cwd=config_file.parent, env=_env(), stdin=subprocess.DEVNULL,
             stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if nohup else None,
         )
 
 
@@ -351,7 +354,7 @@ async def start_daemon(tmp_path: Path) -> AsyncIterator[StartDaemon]:
 
     async def start(*, watch: bool = False, seed: bool = True, ready: bool = True,
                     prepare: Callable[[Path], None] | None = None,
-                    interval: int = INTERVAL) -> RunningDaemon:
+                    interval: int = INTERVAL, nohup: bool = False) -> RunningDaemon:
         server = ImageServer()
         for path, body in IMAGE_BODIES.items():
             server.route(path, image(body))
@@ -368,7 +371,7 @@ async def start_daemon(tmp_path: Path) -> AsyncIterator[StartDaemon]:
             config_file = _write_config(tmp_path, port, server.url, watch=watch,
                                         interval=interval)
             log_file = tmp_path / f"daemon-{len(started)}.log"
-            daemon = RunningDaemon(_spawn_daemon(config_file, log_file), tmp_path,
+            daemon = RunningDaemon(_spawn_daemon(config_file, log_file, nohup=nohup), tmp_path,
                                    config_file, port, server, log_file)
             started.append(daemon)
             try:
@@ -876,6 +879,16 @@ async def test_sigterm_stops_an_idle_daemon(daemon: RunningDaemon):
     # With the daemon gone, `feeder status` says so.
     status = await daemon.cli("status")
     assert status.stdout.startswith("daemon: not running"), status
+
+
+async def test_started_with_nohup_it_outlives_a_sighup(start_daemon: StartDaemon):
+    daemon = await start_daemon(nohup=True)
+    daemon.proc.send_signal(signal.SIGHUP)
+    before = await daemon.refreshes()
+    assert (await daemon.cli("refresh")).returncode == 0  # it still answers, and refreshes
+    assert await daemon.refreshes() == before + 1
+    assert "SIGHUP" not in daemon.log()
+    assert await daemon.sigterm() == 0
 
 
 @pytest.mark.slow
