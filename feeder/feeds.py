@@ -143,12 +143,36 @@ def category_slugs(categories: Iterable[str], overrides: Mapping[str, str],
                 slugs[name] = slug
         taken |= {slug.casefold() for slug in slugs.values()}
     for name in sorted(set(names) - slugs.keys()):
-        digest = _name_hash(name)
-        candidates = [f"{slugify(name)}-{digest[:n]}" for n in (*_SUFFIX_DIGITS, len(digest))]
+        candidates = _suffixed_slugs(name)
         slug = next((c for c in candidates if c.casefold() not in taken), candidates[-1])
         slugs[name] = slug
         taken.add(slug.casefold())
     return slugs
+
+
+def published_slugs(categories: Iterable[str], folders: Iterable[str]) -> dict[str, str]:
+    """The slug each category was published under, as the category ``folders`` on disk
+    tell (when the state database that remembers them was deleted).
+
+    A folder with a category's own hash suffix is that category's; one with its plain
+    slug is, unless another category's plain slug is the same.
+    """
+    present = set(folders)
+    found: dict[str, str] = {}
+    plain: dict[str, list[str]] = {}
+    for name in categories:
+        own = [slug for slug in _suffixed_slugs(name) if slug in present]
+        if own:
+            found[name] = own[0]
+        elif (slug := slugify(name)) in present:
+            plain.setdefault(slug, []).append(name)
+    return found | {names[0]: slug for slug, names in plain.items() if len(names) == 1}
+
+
+def _suffixed_slugs(name: str) -> list[str]:
+    """A category's slug with a suffix from its name's hash, shortest first."""
+    digest = _name_hash(name)
+    return [f"{slugify(name)}-{digest[:n]}" for n in (*_SUFFIX_DIGITS, len(digest))]
 
 
 def feed_infos(config: Config, slugs: Mapping[str, str]) -> list[FeedInfo]:

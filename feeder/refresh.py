@@ -51,6 +51,7 @@ from feeder.feeds import (
     category_folder,
     category_slugs,
     feed_infos,
+    published_slugs,
 )
 from feeder.images import (
     CachedImage,
@@ -620,7 +621,10 @@ class Refresher:
         changes.merge_json(self.store.get_meta(_PENDING))
         counts = self.store.categories()
         stored_slugs = self.store.get_meta(_SLUGS)
-        old_slugs = json.loads(stored_slugs) if stored_slugs else {}
+        if stored_slugs is not None:
+            old_slugs = json.loads(stored_slugs)
+        else:  # a new state database: the folders tell where categories were published
+            old_slugs = published_slugs(counts, self.output.list_folder(CATEGORIES_FOLDER))
         slugs = category_slugs(counts, self.config.feeds.slugs, published=old_slugs)
         feeds = feed_infos(self.config, slugs)
         fingerprint = self._fingerprint()

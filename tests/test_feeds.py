@@ -16,7 +16,14 @@ from hypothesis import strategies as st
 from lxml import etree
 
 from feeder.config import Config
-from feeder.feeds import FeedInfo, build_article_page, build_feed, category_slugs, slugify
+from feeder.feeds import (
+    FeedInfo,
+    build_article_page,
+    build_feed,
+    category_slugs,
+    published_slugs,
+    slugify,
+)
 from feeder.refresh import open_refresher
 from feeder.sources import SourceParser
 from feeder.types import Article, CachedImageInfo
@@ -135,6 +142,16 @@ def test_a_published_slug_is_kept_and_the_newcomer_gets_the_suffix() -> None:
     # Published with a suffix, while its twin was there: kept after the twin left.
     assert category_slugs(["Tech"], {}, {"Tech": "Tech" + suffix["Tech"]}) == {
         "Tech": "Tech" + suffix["Tech"]}
+
+
+def test_published_slugs_are_read_back_from_the_folders_where_they_tell() -> None:
+    suffix = {name: "-" + hashlib.sha1(name.encode()).hexdigest()[:6]
+              for name in ("a b", "tech")}
+    folders = ["a-b", "a-b" + suffix["a b"], "Tech", "tech" + suffix["tech"], "x-y", "old"]
+    names = ["a/b", "a b", "Tech", "tech", "x y", "x.y", "new"]
+    assert published_slugs(names, folders) == {
+        "a/b": "a-b", "a b": "a-b" + suffix["a b"], "Tech": "Tech",
+        "tech": "tech" + suffix["tech"]}  # "x-y" may be either's: neither's
 
 
 def test_a_configured_slug_takes_a_published_one_which_moves() -> None:
