@@ -20,6 +20,7 @@ import os
 import stat
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import formatdate
 from functools import lru_cache
@@ -350,22 +351,39 @@ def read_cached_file(path: str, max_age: int, checked: os.stat_result) -> Cached
     )
 
 
+#: What finds a file inside a folder: its real path and stat, or None (resolve_inside).
+Finder = Callable[[], "tuple[str, os.stat_result] | None"]
+
+
 class CheckedFileResponse(web.FileResponse):
     """A :class:`~aiohttp.web.FileResponse` of a file whose path was checked.
 
-    It sends the file checked, or a 404 if another was put in its place since
-    (:func:`check_same_file`); and never a stray ``.gz``/``.br`` sibling
-    instead, which aiohttp would serve to a client accepting gzip or brotli.
+    It sends the file checked. If another was put in its place since (see
+    :func:`check_same_file`), the path is checked again, once, with ``find``: a
+    refresh renames new feeds over old ones, but a symlink swapped in is a 404. It
+    never sends a stray ``.gz``/``.br`` sibling instead, as aiohttp would to a
+    client accepting gzip or brotli. Its errors are not cached.
     """
 
-    def __init__(self, path: str, checked: os.stat_result,
+    def __init__(self, find: Finder, found: tuple[str, os.stat_result],
                  headers: dict[str, str]) -> None:
-        super().__init__(path, headers=headers)
-        self._checked = checked
+        super().__init__(found[0], headers=headers)
+        self._find = find
+        self._checked = found[1]
 
+    # aiohttp (3.13, 3.14) calls this in a worker thread, to stat and open the file.
     def _make_response(self, request: web.BaseRequest, accept_encoding: str) -> Any:
-        # aiohttp opens and stats the file here, in a worker thread. No encoding is
-        # accepted, so it looks for no compressed sibling: the file itself is sent.
+        try:
+            return self._checked_response(request)
+        except Replaced:
+            found = self._find()
+            if found is None:
+                raise FileNotFoundError(self._path) from None  # aiohttp answers 404
+            self._path, self._checked = Path(found[0]), found[1]
+            return self._checked_response(request)
+
+    def _checked_response(self, request: web.BaseRequest) -> Any:
+        # No encoding accepted: aiohttp looks for no compressed sibling.
         result = super()._make_response(request, "")
         opened, st = result[1], result[2]
         try:
@@ -373,8 +391,14 @@ class CheckedFileResponse(web.FileResponse):
         except Replaced:
             if opened is not None:
                 opened.close()
-            raise  # an OSError: aiohttp answers 404
+            raise
         return result
+
+    def set_status(self, status: int, reason: str | None = None) -> None:
+        super().set_status(status, reason)
+        if status >= 400:  # aiohttp keeps the headers given for the file's 200
+            self.headers[hdrs.CACHE_CONTROL] = "no-store"
+            self.headers.pop(hdrs.CONTENT_TYPE, None)
 
 
 class FileCache:
@@ -442,7 +466,7 @@ class FeedFiles:
                 return not_found()
             path, st = found
             if st.st_size > CACHE_MAX_FILE:
-                return self._stream(path, st)
+                return self._stream(tail, found)
             entry = self.cache.get(path, (st.st_ino, st.st_size, st.st_mtime_ns))
             if entry is not None:
                 return entry.respond(request)
@@ -459,13 +483,13 @@ class FeedFiles:
             return entry.respond(request)
         return not_found()
 
-    def _stream(self, path: str, checked: os.stat_result) -> web.FileResponse:
+    def _stream(self, tail: str, found: tuple[str, os.stat_result]) -> web.FileResponse:
         """A file too large to cache, from disk; FileResponse handles 304 and Range."""
         return CheckedFileResponse(
-            path,
-            checked,
+            lambda: resolve_inside(self.root, tail),
+            found,
             headers={
-                hdrs.CONTENT_TYPE: feed_content_type(os.path.basename(path)),
+                hdrs.CONTENT_TYPE: feed_content_type(os.path.basename(found[0])),
                 hdrs.CACHE_CONTROL: f"public, max-age={self.max_age}",
                 hdrs.VARY: hdrs.ACCEPT_ENCODING,
                 "X-Content-Type-Options": "nosniff",
@@ -488,7 +512,8 @@ class ImageFiles:
         if found is None or not stat.S_ISREG(found[1].st_mode):
             return not_found()
         return CheckedFileResponse(
-            *found,
+            lambda: resolve_inside(self.root, name),
+            found,
             headers={
                 hdrs.CONTENT_TYPE: image_content_type(name),
                 hdrs.CACHE_CONTROL: IMAGE_CACHE_CONTROL,
@@ -496,4 +521,3 @@ class ImageFiles:
                 "Content-Security-Policy": "default-src 'none'",
             },
         )
-

@@ -656,6 +656,8 @@ async def test_image_swapped_for_a_symlink_after_its_check_is_404(
     resp = await client.get("/swapped")
     assert resp.status == 404
     assert SECRET not in await resp.text()
+    assert resp.headers["Cache-Control"] == "no-store"  # not the image's year
+    assert "image/png" not in resp.headers.get("Content-Type", "")
 
 
 async def test_large_feed_swapped_for_a_symlink_after_its_check_is_404(
@@ -676,6 +678,32 @@ async def test_large_feed_swapped_for_a_symlink_after_its_check_is_404(
     resp = await client.get("/swapped")
     assert resp.status == 404
     assert SECRET not in await resp.text()
+    assert resp.headers["Cache-Control"] == "no-store"
+
+
+@pytest.mark.parametrize(("headers", "status", "body"), [
+    ({}, 200, FINANCE_RSS), ({"Range": "bytes=0-4"}, 206, FINANCE_RSS[:5]),
+    ({"If-None-Match": "*"}, 304, ""),
+])
+async def test_large_feed_renamed_over_after_its_check_is_the_new_one(
+    aiohttp_client: ClientFactory, config: Config, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, headers: dict[str, str], status: int, body: str,
+) -> None:
+    """A refresh renames a new feed over the old one: that one is served, checked again."""
+    monkeypatch.setattr(feeder_web, "CACHE_MAX_FILE", 100)  # streamed from disk
+    feeds = feeder_web.FeedFiles(config.paths.feeds, max_age=INTERVAL)
+
+    async def renaming(request: web.Request) -> web.StreamResponse:
+        response = await feeds.respond(request, "all/rss.xml")
+        write(tmp_path / "new.xml", FINANCE_RSS).rename(config.paths.feeds / "all" / "rss.xml")
+        return response
+
+    app = web.Application()
+    app.router.add_get("/renamed", renaming)
+    client = await aiohttp_client(app)
+    resp = await client.get("/renamed", headers={**IDENTITY, **headers})
+    assert resp.status == status
+    assert await resp.text() == body
 
 
 @pytest.mark.parametrize("thread_read_min", [10**9, 10])
