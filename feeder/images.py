@@ -422,20 +422,23 @@ class _Limits:
         until = asyncio.get_running_loop().time() + seconds
         self.resume[host] = max(self.resume.get(host, until), until)
 
-    async def wait_for(self, host: str, url: str) -> None:
+    async def wait_for(self, host: str) -> None:
         """Wait until ``host`` may be asked again, each waiter a random bit more, so
         they do not all come back at once.
 
         Raises:
-            ImageError: the wait is longer than :data:`MAX_RETRY_WAIT`: ``url`` is
-                left to the next refresh.
+            _HostPaused: the wait is longer than :data:`MAX_RETRY_WAIT`.
         """
         loop = asyncio.get_running_loop()
         while (wait := self.resume.get(host, 0.0) - loop.time()) > 0:
             if wait > MAX_RETRY_WAIT:
-                raise ImageError(url, f"{host} asked for {wait:.0f} s without requests "
-                                      "(Retry-After)", retry_after=wait)
+                raise _HostPaused(host)
             await asyncio.sleep(wait + random.uniform(0, min(1.0, wait / 4)))
+
+
+class _HostPaused(Exception):
+    """A host asked for a longer pause than a refresh waits: its images not asked for
+    yet are left pending, as if cut short by the deadline (no failure of theirs)."""
 
 
 async def fetch_images(
@@ -484,15 +487,20 @@ async def fetch_images(
         try:
             async with _open_session(config, resolver) as session:
 
+                unexpected: list[str] = []  # URLs a bug in feeder failed
+
                 async def fetch_and_report(url: str) -> None:
                     try:
                         result = await _fetch_image(session, limits, url, config, cache_dir,
                                                     failed_attempts)
-                    except Exception as e:  # a bug: logged, and one image fails, not all
-                        log.exception("%s: unexpected error while fetching", url)
+                    except Exception as e:  # a bug: that image fails, not all of them
+                        if not unexpected:  # one traceback, not one per image
+                            log.exception("%s: unexpected error while fetching", url)
+                        unexpected.append(url)
                         reason = one_line(f"unexpected error: {type_and_message(e)}")
                         result = FailedImage(url, reason, permanent=False, retry_after=None)
-                    report(result)
+                    if result is not None:  # None: left pending
+                        report(result)
 
                 tasks: list[asyncio.Task[None]] = []
                 try:
@@ -510,6 +518,12 @@ async def fetch_images(
                     for task in tasks:
                         task.cancel()
                     await asyncio.gather(*tasks, return_exceptions=True)
+                for task in tasks:
+                    if not task.cancelled():
+                        task.result()  # a bug in reporting (on_result) is raised, not hidden
+                if len(unexpected) > 1:
+                    log.error("%d more images failed with an unexpected error",
+                              len(unexpected) - 1)
         finally:
             try:
                 await writer.close()
@@ -557,8 +571,9 @@ async def _fetch_image(
     config: ImagesConfig,
     cache_dir: Path,
     failed_attempts: dict[str, FailedImage],
-) -> ImageResult:
-    """One URL, with up to ``config.attempts`` attempts on errors worth retrying.
+) -> ImageResult | None:
+    """One URL, with up to ``config.attempts`` attempts on errors worth retrying;
+    None if its host asked for a pause longer than a refresh waits (it is pending).
 
     Each failed attempt is noted in ``failed_attempts``, in case no other follows.
     """
@@ -570,6 +585,8 @@ async def _fetch_image(
             return await _fetch_once(session, limits, host, url, target, config, cache_dir)
         except ImageError as e:
             failure = FailedImage(url, e.reason, e.permanent, e.retry_after)
+        except _HostPaused:
+            return None
         failed_attempts[url] = failure
         log.debug("%s: attempt %d: %s", url, attempt + 1, failure.error)
         if failure.retry_after is not None:  # every download from the host waits for it
@@ -593,7 +610,7 @@ async def _fetch_once(
     write is not under ``config.timeout``: a thread's write cannot be interrupted.)
     """
     async with limits.host(host):
-        await limits.wait_for(host, url)  # in the host's turn: nothing else asks it meanwhile
+        await limits.wait_for(host)  # in the host's turn: nothing else asks it meanwhile
         async with limits.overall:
             downloaded = await _attempt(session, url, target, config, cache_dir)
             if not downloaded.chunks:  # streamed to the cache already
