@@ -183,10 +183,10 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         raise ConfigError("", f"{where}: invalid YAML: {problem}") from e
     except ValueError as e:  # a date like 2022-02-30
         raise ConfigError("", f"{file}: invalid YAML: {e}") from e
-    try:
-        return config_from_dict(raw or {}, file.resolve().parent)
+    try:  # an empty file is all defaults; `[]` or `false` is no config
+        return config_from_dict({} if raw is None else raw, file.resolve().parent)
     except ConfigError as e:
-        raise ConfigError(e.key, e.problem, file=str(file)) from None
+        raise ConfigError(e.key, e.problem, file=str(file)) from e.__cause__
 
 
 def config_from_dict(raw: Any, root: Path) -> Config:
@@ -216,7 +216,8 @@ def config_from_dict(raw: Any, root: Path) -> Config:
         site = dataclasses.replace(config.site, base_url=iri_to_uri(config.site.base_url))
     except ValueError as e:
         raise ConfigError("site.base_url", f"{config.site.base_url!r}: {e}") from e
-    return dataclasses.replace(config, site=site)
+    feeds = dataclasses.replace(config.feeds, slugs=_named_slugs(config.feeds.slugs))
+    return dataclasses.replace(config, site=site, feeds=feeds)
 
 
 def _build_section(name: str, cls: type, raw: dict[str, Any], root: Path) -> Any:
@@ -379,10 +380,27 @@ def _name(key: str, name: str) -> str:
     """
     if any(_is_control(c) or c in "\ufffe\uffff" for c in name):
         raise ConfigError(key, f"{name!r} holds a control character or one XML forbids")
-    collapsed = " ".join(name.split())
+    collapsed = nfc(" ".join(name.split()))
     if not collapsed:
         raise ConfigError(key, "must not be empty")
     return collapsed
+
+
+def _named_slugs(slugs: dict[str, str]) -> dict[str, str]:
+    """``feeds.slugs`` by category names as sources give them (spaces, composed form)."""
+    named: dict[str, str] = {}
+    for name, slug in slugs.items():
+        key = nfc(" ".join(name.split()))
+        if key in named:
+            raise ConfigError(_dotted("feeds.slugs", name),
+                              f"the same category as {key!r}, written otherwise")
+        named[key] = slug
+    return named
+
+
+def nfc(text: str) -> str:
+    """``text`` in Unicode's composed form (NFC): "é" typed either way is one "é"."""
+    return text if unicodedata.is_normalized("NFC", text) else unicodedata.normalize("NFC", text)
 
 
 def _slug_problem(slug: str) -> str | None:

@@ -20,7 +20,6 @@ import reprlib
 import signal
 import stat
 import threading
-import unicodedata
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, timezone, tzinfo
@@ -34,7 +33,7 @@ from frontmatter.default_handlers import YAMLHandler
 from markdown_it import MarkdownIt
 from markdown_it.common.html_blocks import block_names
 
-from feeder.config import Config, iri_to_uri
+from feeder.config import Config, iri_to_uri, nfc
 from feeder.exceptions import FeederError, SourceError, printable_path, type_and_message
 from feeder.imagehtml import ImageCollector, absolute_url, allowed_urls, show_lazy_images
 from feeder.types import Article, SourceFile, SourceStats
@@ -728,10 +727,8 @@ def _text(value: Any) -> str | None:
         return None
     if isinstance(value, bytes):  # !!binary
         value = value.decode("utf-8", "replace")
-    text = " ".join(strip_xml_forbidden(str(value)).split())
     # One spelling of each character: "Café" typed either way is one category.
-    if not unicodedata.is_normalized("NFC", text):
-        text = unicodedata.normalize("NFC", text)
+    text = nfc(" ".join(strip_xml_forbidden(str(value)).split()))
     return text or None
 
 

@@ -128,6 +128,16 @@ def test_allowed_hosts_take_names_in_any_script_and_addresses(tmp_path: Path) ->
         == hosts
 
 
+def test_category_names_in_the_config_are_read_as_sources_give_them(tmp_path: Path) -> None:
+    decomposed = "Cafe\u0301  noir"  # as a macOS file name gives it, two spaces
+    feeds = make_config(tmp_path, feeds={"default_category": decomposed,
+                                         "slugs": {decomposed: "cafe"}}).feeds
+    assert feeds.default_category == "Café noir"
+    assert feeds.slugs == {"Café noir": "cafe"}
+    message = refused(tmp_path, feeds={"slugs": {decomposed: "cafe", "Café noir": "other"}})
+    assert message == "feeds.slugs.Café noir: the same category as 'Café noir', written otherwise"
+
+
 def test_a_yaml_error_is_one_line_naming_the_file_line_and_column(tmp_path: Path) -> None:
     config_file = tmp_path / "config.yaml"
     config_file.write_text("site: {title: t}\nserver: {port: 1\n", encoding="utf-8")
@@ -145,6 +155,16 @@ def test_a_section_that_is_no_mapping_is_refused_even_if_empty(tmp_path: Path,
     result = CliRunner().invoke(cli, ["-c", str(config_file), "status"])
     assert result.exit_code == 1
     assert f"Error: config: {config_file}: server: must be a mapping" in result.output
+
+
+@pytest.mark.parametrize("text", ["[]", "false", "0", "''"])
+def test_a_file_that_is_no_mapping_is_refused(tmp_path: Path, text: str) -> None:
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(text + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="must be a mapping of sections"):
+        load_config(config_file)
+    config_file.write_text("# nothing yet\n", encoding="utf-8")
+    assert load_config(config_file).server.port == 8080
 
 
 def test_a_section_with_nothing_under_it_takes_the_defaults(tmp_path: Path) -> None:
