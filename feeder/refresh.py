@@ -427,9 +427,11 @@ class Refresher:
         changes.count += len(removed)
 
     def _start_running(self) -> None:
-        """Mark a refresh as running; if the last one never finished, delete its temp files."""
-        if self.store.get_meta(_RUNNING) is None:
-            self.store.set_meta(_RUNNING, "1")
+        """Mark a refresh as running, since now; if the last one never finished (stopped,
+        killed or failed), delete its temp files."""
+        unfinished = self.store.get_meta(_RUNNING) is not None
+        self.store.set_meta(_RUNNING, datetime.now(UTC).isoformat())
+        if not unfinished:
             return
         paths = self.config.paths
         removed = remove_temp_files(paths.feeds) + remove_temp_files(paths.cache)
@@ -904,13 +906,26 @@ def collect_garbage(config: Config, store: Store) -> tuple[int, int, int]:
 def unfinished(config: Config, store: Store) -> bool:
     """Whether the last refresh begun neither finished nor failed (it was stopped or
     killed) and none is running now: the next one completes what it left."""
-    if store.get_meta(_RUNNING) is None or store.get_meta(_FAILED) is not None:
+    started = store.get_meta(_RUNNING)
+    if started is None:
         return False
+    failure = last_failure(store)
+    if failure is not None and _instant(failure[0]) >= _instant(started):
+        return False  # it failed
     try:
         with lock(config, wait=False):
             return True
     except (LockedError, PermissionError):  # running now; or not ours to tell
         return False
+
+
+def _instant(text: str) -> datetime:
+    """An ISO 8601 time stored in the meta table; the earliest for one that is not
+    (an older feeder marked a running refresh "1")."""
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)
 
 
 def last_failure(store: Store) -> tuple[str, str] | None:

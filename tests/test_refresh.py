@@ -35,7 +35,7 @@ from feeder.config import Config, load_config
 from feeder.exceptions import FeederError, LockedError, RefreshAbandoned
 from feeder.feeds import article_page_path
 from feeder.output import OutputFolder
-from feeder.refresh import Refresher, RefreshSummary, lock, open_refresher
+from feeder.refresh import Refresher, RefreshSummary, lock, open_refresher, unfinished
 from feeder.sources import SourceRead, article_id
 from feeder.store import Store
 from tests.conftest import (
@@ -901,6 +901,26 @@ async def test_a_source_dated_past_2262_is_published(config: Config) -> None:
     summary = await refresh(config)
     assert (summary.articles, summary.failed) == (1, 0)
     assert titles(config, "all") == ["Future"]
+
+
+async def test_a_refresh_stopped_after_one_that_failed_is_told_unfinished(
+        config: Config, tmp_path: Path) -> None:
+    write_source(config, "a.md", article_text("A"))
+    write_source(config, "b.md", article_text("B"))
+    await refresh(config)
+    with open_refresher(config) as refresher:
+        assert not unfinished(config, refresher.store)
+        config.paths.sources.rename(tmp_path / "away")
+        with pytest.raises(FeederError):
+            await refresher.refresh()
+        assert not unfinished(config, refresher.store)  # it failed, and status says why
+        (tmp_path / "away").rename(config.paths.sources)
+        write_source(config, "c.md", article_text("C"))
+        with pytest.raises(RefreshAbandoned):
+            await refresher.refresh(AbandonAfter(refresher, "write", 0))
+        assert unfinished(config, refresher.store)
+        await refresher.refresh()
+        assert not unfinished(config, refresher.store)
 
 
 class AbandonAfter:
