@@ -8,6 +8,7 @@ folder of the config file.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import reprlib
@@ -285,7 +286,7 @@ def _check(config: Config, root: Path) -> None:
         raise ConfigError("site.timezone", f"unknown time zone {config.site.timezone!r}") from e
     _check_url("site.base_url", config.site.base_url)
     for i, host in enumerate(config.images.allowed_hosts):
-        if not _HOST_NAME.fullmatch(host):
+        if not _is_host(host):
             raise ConfigError(f"images.allowed_hosts[{i}]", f"{host!r} is not a host name "
                               "such as img.cls.cn (no scheme, port, path or wildcard)")
     for origin, mirror in config.images.origins.items():
@@ -319,8 +320,23 @@ def _check_paths(paths: PathsConfig, root: Path) -> None:
                                               f"around it ({folder})")
 
 
-#: A host name (any script), an IPv4 address, or an IPv6 one as a URL's host gives it.
-_HOST_NAME = re.compile(r"[^\x00-\x20\x7f/\\:@?#*\[\]%]+|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*")
+#: Characters no host name holds, besides spaces and control characters.
+_NOT_IN_HOST = frozenset("/\\:@?#*[]%,;")
+
+
+def _is_host(host: str) -> bool:
+    """Is ``host`` a host name (any script), or an IPv4 or IPv6 address, as a URL's
+    host gives it (no brackets)? Not a URL, a port, a wildcard or a list."""
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return False
+        return True
+    return (host.strip(".") != "" and host.isprintable()
+            and not any(c.isspace() or c in _NOT_IN_HOST for c in host))
+
+
 #: What :func:`iri_to_uri` leaves as it is besides letters, digits and ``_.-~``: URI
 #: delimiters, and ``%`` (a URL's escapes are kept as they are).
 _URI_SAFE = "!#$%&'()*+,/:;=?@[]"

@@ -116,7 +116,9 @@ def test_a_day_is_the_longest_wait(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("host", ["https://img.cls.cn", "*.cls.cn", "img.cls.cn:443",
-                                  "img.cls.cn/", "img.cls.cn ", "", "user@img.cls.cn"])
+                                  "img.cls.cn/", "img.cls.cn ", "", "user@img.cls.cn", ".",
+                                  "..", ":", "img.cls.cn,img2.cls.cn", "img.cls.cn\u3000",
+                                  "[::1]", "a\x85b"])
 def test_an_allowed_host_no_url_can_have_is_refused(tmp_path: Path, host: str) -> None:
     message = refused(tmp_path, images={"allowed_hosts": ["img.cls.cn", host]})
     assert message.startswith(f"images.allowed_hosts[1]: {host!r} is not a host name")
