@@ -17,7 +17,7 @@ from rich.progress import Progress as RichBar
 
 from feeder import __version__
 from feeder.config import Config, load_config
-from feeder.exceptions import FeederError, SourceError, known_error, printable_path
+from feeder.exceptions import FeederError, SourceError, known_error, one_line, printable_path
 from feeder.sources import (
     MISNAMED,
     SourceParser,
@@ -265,7 +265,8 @@ def _print_status(store: Store, failure_shown: bool, unfinished: bool) -> None:
         if error:
             failing.append(f"failing source {shown}: {error}")
         warned += [f"source {shown}: warning: {warning}" for warning in warnings]
-    images = [f"failing image {printable_path(image.url)}: {image.error} "
+    images = [f"failing image {printable_path(image.url)}: "
+              f"{printable_path(one_line(image.error))} "
               f"({image.failures} failures, "
               f"next attempt {image.next_attempt:%Y-%m-%d %H:%M:%S}Z)"
               for image in store.failing_images()]
