@@ -101,6 +101,8 @@ _FINGERPRINT = "fingerprint"
 _PARSE_SETTINGS = "parse_settings"
 #: Meta key of the cache folder's identity and mtime when the last refresh ended.
 _CACHE_STATE = "cache_state"
+#: When the cache folder was last listed (ISO 8601): images cached since are checked whole.
+_CACHE_CHECKED = "cache_checked"
 #: Meta key of the device sources/ was on at the last refresh.
 _SOURCES_DEVICE = "sources_device"
 #: Meta key of the pages folder's identity and mtime when every page was last there.
@@ -392,7 +394,7 @@ class Refresher:
                     if done % _PARSE_BATCH == 0:  # a crash or a kill loses one batch at most
                         self._save_pending(changes)
                         self.store.commit_so_far()
-            self._check_cache(changes)
+            self._check_cache(changes, now)
             for path in scan.misnamed:
                 # Refused once, as any refused file is; a real file may have its escaped name.
                 if path not in scan.refused_misnamed and path not in found:
@@ -526,26 +528,38 @@ class Refresher:
                 log.warning("%s: warning: %s", printable_path(file.path), warning)
         self.store.put_source(file, digest, article, error, article.warnings if article else ())
 
-    def _check_cache(self, changes: _Changes) -> None:
+    def _check_cache(self, changes: _Changes, now: datetime) -> None:
         """Forget cached images whose file is gone, if something changed the cache folder.
 
         A folder's mtime moves when a file in it is added or removed: one stat a
         refresh tells whether anything touched the cache since the last look (a hand
         clean-up, a restore, ``feeder gc``, or feeder's own downloads, which cost one
         listing in the next refresh). Images whose file is gone are fetched again, and
-        the pages and feeds showing them rebuilt.
+        the pages and feeds showing them rebuilt; so are those cached since the last
+        look whose file is not whole: a crash of the machine (not of feeder) may leave
+        a file renamed into place with no bytes in it.
         """
         cache = self.config.paths.cache
         state = _folder_state(cache)  # before the listing: a later change shows next time
         if state == self.store.get_meta(_CACHE_STATE):
             return
+        checked = self.store.get_meta(_CACHE_CHECKED)
         self.store.set_meta(_CACHE_STATE, state)
+        self.store.set_meta(_CACHE_CHECKED, now.isoformat())
         present = set(folder_names(cache))
         cached = self.store.cached_image_names()
         gone = [url for url, name in cached.items() if name not in present]
         if gone:
             log.warning("%d cached images are gone from %s: fetching them again", len(gone),
                         cache)
+        since = _instant(checked) if checked is not None else None
+        broken = [url for url, (name, size) in self.store.cached_since(since).items()
+                  if name in present and _size(cache / name) != size]
+        if broken:
+            log.warning("%d cached images in %s are not whole (a crash?): fetching them again",
+                        len(broken), cache)
+        if gone or broken:
+            gone += broken
             self.store.forget_cached_images(gone)
             showing = self.store.paths_showing(gone)
             changes.pages |= showing
@@ -917,6 +931,14 @@ def unfinished(config: Config, store: Store) -> bool:
             return True
     except (LockedError, PermissionError):  # running now; or not ours to tell
         return False
+
+
+def _size(path: Path) -> int:
+    """A file's size; -1 if it is gone."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return -1
 
 
 def _instant(text: str) -> datetime:

@@ -386,6 +386,14 @@ class Store:
         rows = self._db.execute("SELECT url, name FROM images WHERE name IS NOT NULL")
         return dict(rows.fetchall())
 
+    def cached_since(self, since: datetime | None) -> dict[str, tuple[str, int]]:
+        """The cache file name and size of each image cached at ``since`` or later (every
+        cached image if None), by URL."""
+        rows = self._db.execute(
+            "SELECT url, name, size FROM images WHERE name IS NOT NULL AND fetched_at >= ?",
+            (_iso(since) if since is not None else "",))
+        return {url: (name, size) for url, name, size in rows}
+
     def forget_cached_images(self, urls: Iterable[str]) -> None:
         """Mark images as not cached (their file is gone): due for a first attempt again."""
         self._db.executemany(

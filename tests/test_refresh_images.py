@@ -88,6 +88,21 @@ async def test_images_are_cached_and_feeds_point_at_the_cache(tmp_path, server):
     assert "img.cls.cn" not in (config.paths.feeds / "all/feed.json").read_text("utf-8")
 
 
+async def test_an_image_a_crash_left_empty_is_fetched_again(tmp_path, server):
+    """A machine's crash (not feeder's) may leave a file renamed into place, empty."""
+    config = load(write_config(tmp_path, server.url))
+    seed(config)
+    assert (await refresh(config)).images_fetched == 4
+    emptied = sorted(config.paths.cache.iterdir())[0]
+    whole = emptied.read_bytes()
+    emptied.write_bytes(b"")
+    summary = await refresh(config)
+    assert summary.images_fetched == 1
+    assert emptied.read_bytes() == whole
+    content = parse(config, "all/rss.xml").entries[0].content[0].value
+    assert f"{BASE}/images/{emptied.name}" in content
+
+
 async def test_an_article_with_a_thousand_images_points_at_each_cached_one(tmp_path, server):
     server.default = image(PNG)
     config = load(write_config(tmp_path, server.url))
