@@ -123,7 +123,12 @@ class Store:
                 db.close()
                 raise
         except sqlite3.Error as e:
-            raise StoreError(f"{path}: cannot open the state database: {e}") from e
+            reason = str(e)
+            code = (getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF
+            if code == sqlite3.SQLITE_READONLY and not os.access(path.parent, os.W_OK):
+                # Its write-ahead log's files go beside it, even to read (`feeder status`).
+                reason += f" ({path.parent} must be writable)"
+            raise StoreError(f"{path}: cannot open the state database: {reason}") from e
         return cls(db, path)
 
     def close(self) -> None:

@@ -352,6 +352,20 @@ def test_a_daemon_of_another_user_is_named_not_taken_for_none(config_file: Path,
                              "(paths.state): permission denied\n")
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes whatever the folder's mode")
+def test_status_in_a_state_folder_it_may_not_write_says_so(config_file: Path,
+                                                           config: Config) -> None:
+    write_all(config, GOOD, {})
+    assert run(config_file, "refresh").exit_code == 0
+    config.paths.state.chmod(0o555)  # as a monitoring user in the service's group sees it
+    try:
+        result = run(config_file, "status")
+    finally:
+        config.paths.state.chmod(0o755)
+    assert result.exit_code == 1
+    assert result.output.endswith(f"({config.paths.state} must be writable)\n")
+
+
 @pytest.mark.parametrize("command", ["refresh", "status"])
 def test_a_damaged_state_database_is_named_with_what_to_do(config_file: Path, config: Config,
                                                            command: str) -> None:
