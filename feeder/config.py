@@ -48,6 +48,8 @@ class SiteConfig:
     title: str = "feeder"
     #: Zone of dates written without an offset.
     timezone: str = "Asia/Shanghai"
+    #: Language of the articles (a BCP 47 tag): readers pick fonts by it, Han glyphs too.
+    language: str = "zh-CN"
 
     @property
     def tz(self) -> ZoneInfo:
@@ -285,6 +287,9 @@ def _check(config: Config, root: Path) -> None:
     except (ZoneInfoNotFoundError, ValueError) as e:
         raise ConfigError("site.timezone", f"unknown time zone {config.site.timezone!r}") from e
     _check_url("site.base_url", config.site.base_url)
+    if not _LANGUAGE_TAG.fullmatch(config.site.language):
+        raise ConfigError("site.language", f"{config.site.language!r} is not a language tag "
+                                           "such as zh-CN or en")
     for i, host in enumerate(config.images.allowed_hosts):
         if not _is_host(host):
             raise ConfigError(f"images.allowed_hosts[{i}]", f"{host!r} is not a host name "
@@ -320,6 +325,8 @@ def _check_paths(paths: PathsConfig, root: Path) -> None:
                                               f"around it ({folder})")
 
 
+#: A BCP 47 language tag, as far as its form goes: zh-CN, zh-Hans-CN, en, x-klingon.
+_LANGUAGE_TAG = re.compile(r"[A-Za-z]{1,8}(?:-[A-Za-z0-9]{1,8})*")
 #: Characters no host name holds, besides spaces and control characters.
 _NOT_IN_HOST = frozenset("/\\:@?#*[]%,;")
 

@@ -202,6 +202,7 @@ def build_feed(feed: FeedInfo, articles: Sequence[Article],
     gen.subtitle(f"{feed.title}, republished by feeder")
     gen.author({"name": config.site.title})
     gen.generator("feeder", __version__)
+    gen.language(config.site.language)  # RSS's <language>, Atom's xml:lang
     gen.updated(updated)
     gen.ttl(math.ceil(config.schedule.interval / 60))
     documents: dict[str, bytes] = {}
@@ -217,7 +218,7 @@ def build_feed(feed: FeedInfo, articles: Sequence[Article],
         documents[file] = gen.atom_str(pretty=True) if file == "atom.xml" else (
             gen.rss_str(pretty=True))
     documents["feed.json"] = _json_feed(feed, articles, bodies, images, cached, links,
-                                        config.images)
+                                        config.images, config.site.language)
     return documents
 
 
@@ -246,7 +247,7 @@ def _add_entry(entry: FeedEntry, article: Article, body: str,
 
 def _json_feed(feed: FeedInfo, articles: Sequence[Article], bodies: Sequence[str],
                images: Mapping[str, CachedImageInfo], cached: Mapping[str, str],
-               links: Links, images_config: ImagesConfig) -> bytes:
+               links: Links, images_config: ImagesConfig, language: str) -> bytes:
     """JSON Feed 1.1 (https://jsonfeed.org/version/1.1)."""
     items = []
     for article, body in zip(articles, bodies, strict=True):
@@ -278,6 +279,7 @@ def _json_feed(feed: FeedInfo, articles: Sequence[Article], bodies: Sequence[str
     document = {
         "version": "https://jsonfeed.org/version/1.1",
         "title": feed.title,
+        "language": language,
         "home_page_url": links.home(),
         "feed_url": links.feed(feed.folder, "feed.json"),
         "items": items,
@@ -303,7 +305,8 @@ def build_article_page(article: Article, images: Mapping[str, CachedImageInfo],
     ]))
     body = rewrite_image_urls(article.content, image_urls(images, links))
     return _page(article.title, f"<article>\n<h1>{esc(article.title)}</h1>\n"
-                 f'<p class="byline">{byline}</p>\n{body}\n</article>', head="")
+                 f'<p class="byline">{byline}</p>\n{body}\n</article>', head="",
+                 language=config.site.language)
 
 
 def build_opml(feeds: Sequence[FeedInfo], config: Config) -> bytes:
@@ -345,12 +348,13 @@ def build_index(feeds: Sequence[FeedInfo], counts: Mapping[str, int], total: int
     opml = esc(links.file("index.opml"))
     body = (f"<h1>{esc(config.site.title)}</h1>\n<p>Subscribe to a feed, or import "
             f'<a href="{opml}">all of them (OPML)</a>.</p>\n<ul>\n' + "\n".join(rows) + "\n</ul>")
-    return _page(config.site.title, body, head=discovery)
+    return _page(config.site.title, body, head=discovery, language=config.site.language)
 
 
-def _page(title: str, body: str, head: str) -> bytes:
+def _page(title: str, body: str, head: str, language: str) -> bytes:
     return (
-        "<!DOCTYPE html>\n<html>\n<head>\n<meta charset=\"utf-8\">\n"
+        f'<!DOCTYPE html>\n<html lang="{html.escape(language)}">\n'
+        '<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         '<meta name="referrer" content="no-referrer">\n'
         f"<title>{html.escape(title)}</title>\n{head}"

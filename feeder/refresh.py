@@ -784,7 +784,8 @@ class Refresher:
         """What, besides articles and images, the output depends on."""
         c = self.config
         return _digest([__version__, OUTPUT_VERSION, c.site.base_url, c.site.title,
-                        c.schedule.interval, c.feeds.items, c.feeds.slugs, str(c.paths.feeds)])
+                        c.site.language, c.schedule.interval, c.feeds.items, c.feeds.slugs,
+                        str(c.paths.feeds)])
 
 
 class _AsLogged(logging.Handler):

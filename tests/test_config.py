@@ -140,6 +140,12 @@ def test_category_names_in_the_config_are_read_as_sources_give_them(tmp_path: Pa
     assert message == "feeds.slugs.Café noir: the same category as 'Café noir', written otherwise"
 
 
+@pytest.mark.parametrize("language", ["", "zh_CN", "中文", "zh-", "en gb"])
+def test_a_language_that_is_no_tag_is_refused(tmp_path: Path, language: str) -> None:
+    assert refused(tmp_path, site={"language": language}).startswith(
+        f"site.language: {language!r} is not a language tag")
+
+
 def test_a_yaml_error_is_one_line_naming_the_file_line_and_column(tmp_path: Path) -> None:
     config_file = tmp_path / "config.yaml"
     config_file.write_text("site: {title: t}\nserver: {port: 1\n", encoding="utf-8")

@@ -395,6 +395,20 @@ def test_a_summary_that_looks_like_markup_is_shown_as_the_text_it_is(config: Con
         assert html.unescape(summary) == article.summary, name
 
 
+@pytest.mark.parametrize("language", [None, "en-GB"])
+def test_every_document_says_its_language(tmp_path: Path, articles: list[Article],
+                                          language: str | None) -> None:
+    config = make_config(tmp_path, site={"language": language} if language else {})
+    expected = language or "zh-CN"
+    docs = build_feed(FINANCE, articles, {}, config)
+    assert parse_feed(docs[RSS]).feed.language == expected
+    assert etree.fromstring(docs[ATOM]).get("{http://www.w3.org/XML/1998/namespace}lang") \
+        == expected
+    assert json.loads(docs[JSON])["language"] == expected
+    page = build_article_page(articles[0], {}, {"金融": "金融"}, config)
+    assert page.startswith(f'<!DOCTYPE html>\n<html lang="{expected}">'.encode())
+
+
 def test_a_page_dates_to_the_second_as_html_asks(config: Config) -> None:
     when = datetime(2022, 3, 30, 3, 17, 49, 123456, tzinfo=UTC)
     page = build_article_page(make_article(config, "a.md", "A", when), {}, {}, config)
