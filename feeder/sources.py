@@ -84,6 +84,17 @@ _CUT_MARGIN = 64
 #: escapes them; ``<`` and ``>`` too, but this does not count on it). Its text holds
 #: no ``<`` either.
 _WRITTEN_TAG = re.compile(r'<[^>"]*(?:"[^"]*"[^>"]*)*>')
+#: Elements a browser shows on lines of their own (or as cells, or a line break): their
+#: words are apart even where no white space separates the tags (minified HTML).
+SEPARATING_ELEMENTS = frozenset({
+    "address", "article", "aside", "blockquote", "br", "caption", "dd", "details", "div",
+    "dl", "dt", "figcaption", "figure", "footer", "h1", "h2", "h3", "h4", "h5", "h6",
+    "header", "hr", "li", "main", "nav", "ol", "p", "pre", "section", "summary", "table",
+    "tbody", "td", "tfoot", "th", "thead", "tr", "ul",
+})
+#: A start or end tag, as nh3 writes it (see :data:`_WRITTEN_TAG`), of those elements.
+_SEPARATING_TAG = re.compile(
+    rf'</?(?:{"|".join(sorted(SEPARATING_ELEMENTS))})(?=[\s/>])[^>"]*(?:"[^"]*"[^>"]*)*>')
 #: The end of an RFC 822 date whose zone is an offset with a colon, or that has no zone.
 _COLON_OFFSET = re.compile(r"\s([+-])(\d\d):(\d\d)$")
 #: An offset from GMT or UTC, as JavaScript's ``Date.toString()`` writes it.
@@ -564,7 +575,7 @@ class SourceParser:
 
 #: Bump when the same file and settings give another article (rendering, sanitizing):
 #: the next refresh parses every source again.
-PARSER_VERSION = 7
+PARSER_VERSION = 8
 
 
 def markdown_renderer() -> MarkdownIt:
@@ -576,9 +587,11 @@ def text_of_cleaned(cleaned: str) -> str:
     """The text of HTML as nh3 writes it, white space collapsed.
 
     Its tags are regular enough to drop by pattern, in a third of the time parsing
-    it again takes. A tag cut short at the end (by a window's cut) is dropped too.
+    it again takes; those of :data:`SEPARATING_ELEMENTS` leave a space (``<p>One.</p>
+    <p>Two.</p>`` reads "One. Two."). A tag cut short at the end (by a window's cut)
+    is dropped too.
     """
-    text = _WRITTEN_TAG.sub("", cleaned).partition("<")[0]
+    text = _WRITTEN_TAG.sub("", _SEPARATING_TAG.sub(" ", cleaned)).partition("<")[0]
     return " ".join(html.unescape(text).split())
 
 

@@ -25,6 +25,7 @@ from feeder.sources import (
     MAX_AMPERSANDS,
     MAX_DEPTH,
     MAX_MARKDOWN_LINES,
+    SEPARATING_ELEMENTS,
     SUMMARY_CHARS,
     SourceParser,
     html_blocks_as_rendered,
@@ -75,6 +76,17 @@ def seed_body() -> str:
 def normalized_text(html: str) -> str:
     return " ".join(lxml.html.fragment_fromstring(html, create_parent="div").text_content()
                     .split())
+
+
+def shown_text(html: str) -> str:
+    """The text of ``html`` as a browser lays it out, on one line: the words of elements
+    shown apart (paragraphs, list items, cells, line breaks) are apart."""
+    tree = lxml.html.fragment_fromstring(html, create_parent="div")
+    for element in tree.iter(*SEPARATING_ELEMENTS):
+        element.tail = " " + (element.tail or "")
+        if element.tag not in lxml.html.defs.empty_tags:
+            element.text = " " + (element.text or "")
+    return " ".join(tree.text_content().split())
 
 
 def image_sources(html: str) -> list[str]:
@@ -607,7 +619,18 @@ def test_summary_is_the_opening_of_the_body_text(parser: SourceParser, pieces: i
     for markup in range(0, 5000, 3):
         body = f"<p>{markup_of(markup)}{text_html}</p>"
         article = parse(parser, front("title: t", body), "page.html")
-        assert article.summary == summary_of(normalized_text(article.content)), markup
+        assert article.summary == summary_of(shown_text(article.content)), markup
+
+
+@pytest.mark.parametrize("path", ["page.html", "post.md"])
+def test_summary_keeps_apart_the_words_of_blocks_minified_html_joins(
+        parser: SourceParser, path: str) -> None:
+    body = ('<p>One.</p><p>Two.</p><ul><li>a</li><li>b</li></ul>line<br>break<figure>'
+            '<img src="https://x.example/i.png"><figcaption>cap</figcaption></figure>'
+            '<table><tr><td>c1</td><td>c2</td></tr></table><p><b>bo</b>ld <a href="#">link</a>'
+            '<span>s</span>pan</p>')
+    article = parse(parser, front("title: t", body), path)
+    assert article.summary == "One. Two. a b line break cap c1 c2 bold linkspan"  # inline: one word
 
 
 @pytest.mark.parametrize(("cleaned", "text"), [
