@@ -16,10 +16,12 @@ from feeder.config import ImagesConfig
 
 #: Attributes a lazy-loading script takes an ``<img>``'s real URL from.
 LAZY_ATTRIBUTES: Final = ("data-src", "data-original")
+#: The attribute a lazy-loading script takes an ``<img>``'s real ``srcset`` from.
+LAZY_SRCSET: Final = "data-srcset"
 #: Attributes holding one image URL, on ``<img>``.
 URL_ATTRIBUTES: Final = ("src", *LAZY_ATTRIBUTES)
 #: Attributes holding a ``srcset`` (comma-separated candidates), on ``<img>`` and ``<source>``.
-SRCSET_ATTRIBUTES: Final = ("srcset", "data-srcset")
+SRCSET_ATTRIBUTES: Final = ("srcset", LAZY_SRCSET)
 _SRCSET_SPACE: Final = " \t\n\r\f"
 #: A URL's scheme, and what a browser ignores in reading it (tabs and line breaks
 #: anywhere; controls and spaces in front, and XML drops the controls anyway).
@@ -40,9 +42,7 @@ def rewrite_image_urls(html: str, mapping: Mapping[str, str]) -> str:
     :func:`show_lazy_images`), and ``html`` itself is returned when nothing is
     replaced, so an article without a cached image costs nothing.
     """
-    if not mapping or not any(
-        url in html or _escaped(url) in html for url in mapping
-    ):
+    if not mapping or not any(references(html, url) for url in mapping):
         return html
 
     def rewrite(tag: re.Match[str]) -> str:
@@ -61,17 +61,26 @@ def rewrite_image_urls(html: str, mapping: Mapping[str, str]) -> str:
     return _IMAGE_TAG.sub(rewrite, html)
 
 
-def show_lazy_images(html: str) -> str:
-    """Give an ``<img>`` that only lazy-loads (``data-src``, no ``src``) its ``src``.
+def references(html: str, url: str) -> bool:
+    """Does ``html`` (nh3's output) hold ``url``, in an attribute or in text?"""
+    return url in html or _escaped(url) in html
 
-    Feed readers and the article pages run no script: such an image would never show.
+
+def show_lazy_images(html: str) -> str:
+    """Give a lazy-loading ``<img>`` (``data-src``) its real URL as ``src``.
+
+    In place of its placeholder (a grey GIF, a spinner), or of no ``src`` at all: feed
+    readers and the article pages run no script, so they would show the placeholder,
+    or nothing. Its ``data-srcset`` becomes its ``srcset`` likewise.
     ``html`` is nh3's output, where every attribute is written ``name="value"``: the
-    tags are edited as text. Serializing a parse again would change the markup:
-    libxml2 percent-encodes URLs and moves tags as HTML 4 nests them.
+    tags are edited as text, and ``html`` itself is returned when nothing changes.
+    (Serializing a parse again would change the markup: libxml2 percent-encodes URLs
+    and moves tags as HTML 4 nests them.)
     """
-    if not any(attribute in html for attribute in LAZY_ATTRIBUTES):
+    if not any(attribute in html for attribute in LAZY_ATTRIBUTES):  # data-srcset too
         return html
-    return _IMAGE_TAG.sub(_with_lazy_src, html)
+    shown = _IMAGE_TAG.sub(_with_lazy_src, html)
+    return html if shown == html else shown
 
 
 #: A start tag of an image element as nh3 writes it, and one of its attributes.
@@ -80,13 +89,17 @@ _ATTRIBUTE = re.compile(r'([^\s"=>]+)="([^"]*)"')
 
 
 def _with_lazy_src(tag: re.Match[str]) -> str:
+    if tag[1] != "img":
+        return tag[0]
     attributes = dict(_ATTRIBUTE.findall(tag[2]))
+    shown = dict(attributes)
     lazy = next(filter(None, map(attributes.get, LAZY_ATTRIBUTES)), "")
     url = absolute_url(unescape(lazy).strip())
-    if tag[1] != "img" or attributes.get("src") or not is_absolute_http(url):
-        return tag[0]  # never javascript: or data:
-    attributes["src"] = _escaped(url)
-    return _start_tag("img", attributes)
+    if is_absolute_http(url):  # never javascript: or data:
+        shown["src"] = _escaped(url)
+    if attributes.get(LAZY_SRCSET):  # its URLs were checked as the srcset's are
+        shown["srcset"] = attributes[LAZY_SRCSET]
+    return tag[0] if shown == attributes else _start_tag("img", shown)
 
 
 def _start_tag(name: str, attributes: dict[str, str]) -> str:
@@ -151,8 +164,8 @@ class ImageCollector:
         return value
 
     def _absolute(self, url: str) -> str:
-        if self.base is None or is_absolute_http(url):
-            return absolute_url(url)
+        if self.base is None or url.startswith("//") or is_absolute_http(url):
+            return absolute_url(url)  # //img.cls.cn is https:, even on an http: page
         return urljoin(self.base, url)
 
     def take(self) -> list[str]:

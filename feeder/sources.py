@@ -35,7 +35,13 @@ from markdown_it.common.html_blocks import block_names
 
 from feeder.config import Config, iri_to_uri, nfc
 from feeder.exceptions import FeederError, SourceError, printable_path, type_and_message
-from feeder.imagehtml import ImageCollector, absolute_url, allowed_urls, show_lazy_images
+from feeder.imagehtml import (
+    ImageCollector,
+    absolute_url,
+    allowed_urls,
+    references,
+    show_lazy_images,
+)
 from feeder.types import Article, SourceFile, SourceStats
 
 if TYPE_CHECKING:
@@ -513,9 +519,13 @@ class SourceParser:
             raise SourceError(path, f"over {MAX_AMPERSANDS:,} '&' (character references)")
         # YAML escapes and HTML character references can produce them again.
         self._images.base = link  # relative URLs are the original page's
-        content = show_lazy_images(strip_xml_forbidden(self._cleaner.clean(html)))
+        cleaned = strip_xml_forbidden(self._cleaner.clean(html))
+        content = show_lazy_images(cleaned)
+        found = list(map(strip_xml_forbidden, self._images.take()))
+        if content is not cleaned:  # placeholders gone: an image is one the content shows
+            found = [url for url in found if references(content, url)]
         # Images elsewhere are left as they are: not fetched, not tracked.
-        found = [*map(strip_xml_forbidden, self._images.take()), headimg, thumbnail]
+        found += [headimg, thumbnail]
         images = allowed_urls(dict.fromkeys(url for url in found if url), self._image_config)
         return Article(
             path=path,

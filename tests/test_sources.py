@@ -985,20 +985,32 @@ IMAGE_FRAGMENTS = [
     '<img src="//img.cls.cn/pr.png">', '<img srcset="//img.cls.cn/p1.png 1x, /p2.png 2x">',
     '<img src="https://img.cls.cn/中文 图.png">', '<img src=" https://img.cls.cn/pad.png ">',
     '<img alt="a>b" data-src="https://img.cls.cn/l&amp;z.png" src="">',
+    '<img src="https://img.cls.cn/grey.gif" data-src="https://img.cls.cn/real.png">',
+    '<img srcset="https://img.cls.cn/g.gif 1x" data-srcset="https://img.cls.cn/r.png 2x">',
 ]
 
 
 def test_a_lazy_image_gets_its_real_url_as_src(parser: SourceParser) -> None:
+    # Readers run no script: the placeholder (or nothing) is what they would show.
     article = parse(parser, front("title: t", (
         '<p><img data-src="https://img.cls.cn/lazy.png" src="data:image/gif;base64,R0lGOD"></p>'
         '<p><img data-original=" https://img.cls.cn/orig.png "></p>'
-        '<p><img src="https://img.cls.cn/a.png" data-src="https://img.cls.cn/big.png"></p>'
+        '<p><img src="https://img.cls.cn/grey.gif" data-src="https://img.cls.cn/big.png"></p>'
+        '<p><img src="/static/grey.gif" data-src="https://img.cls.cn/real.png"></p>'
+        '<p><img src="https://img.cls.cn/same.png" data-src="https://img.cls.cn/same.png"></p>'
         '<p><img data-src="javascript:alert(1)"><img data-original="data:image/svg+xml,x"></p>'
+        '<p><img src="https://img.cls.cn/s.gif" srcset="https://img.cls.cn/s.gif 1x"'
+        ' data-srcset="https://img.cls.cn/s1.png 1x, https://img.cls.cn/s2.png 2x"></p>'
     )))
-    srcs = [img.get("src") for img in lxml.html.fragment_fromstring(
-        article.content, create_parent="div").iter("img")]
-    assert srcs == ["https://img.cls.cn/lazy.png", "https://img.cls.cn/orig.png",
-                    "https://img.cls.cn/a.png", None, None]
+    images = list(lxml.html.fragment_fromstring(article.content, create_parent="div").iter("img"))
+    assert [img.get("src") for img in images] == [
+        "https://img.cls.cn/lazy.png", "https://img.cls.cn/orig.png", "https://img.cls.cn/big.png",
+        "https://img.cls.cn/real.png", "https://img.cls.cn/same.png", None, None,
+        "https://img.cls.cn/s.gif"]
+    assert images[-1].get("srcset") == "https://img.cls.cn/s1.png 1x, https://img.cls.cn/s2.png 2x"
+    # The placeholders shown nowhere are not fetched.
+    assert article.images == tuple(f"https://img.cls.cn/{name}" for name in (
+        "lazy.png", "orig.png", "big.png", "real.png", "same.png", "s.gif", "s1.png", "s2.png"))
 
 
 def test_relative_urls_resolve_against_the_articles_own_link(parser: SourceParser) -> None:
@@ -1030,6 +1042,13 @@ def test_protocol_relative_images_are_https(parser: SourceParser) -> None:
     assert 'srcset="https://img.cls.cn/b.png 2x, /c.png 3x"' in article.content
     assert article.images == ("https://img.cls.cn/a.png", "https://img.cls.cn/b.png",
                               "https://img.cls.cn/head.png")
+    # Even where the article's own page, relative URLs resolve against, is http:.
+    linked = parse(parser, front(
+        "title: t\nlink: http://www.cls.cn/detail/1",
+        '<p><img src="//img.cls.cn/a.png" srcset="//img.cls.cn/b.png 2x"></p>'))
+    assert 'src="https://img.cls.cn/a.png"' in linked.content
+    assert 'srcset="https://img.cls.cn/b.png 2x"' in linked.content
+    assert linked.images == ("https://img.cls.cn/a.png", "https://img.cls.cn/b.png")
 
 
 @given(st.lists(st.sampled_from(IMAGE_FRAGMENTS), max_size=8))
