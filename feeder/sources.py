@@ -59,6 +59,9 @@ _SOURCE_ENDINGS = tuple(SOURCE_SUFFIXES)
 _XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 #: What YAML refuses besides: DEL and the C1 controls but NEL.
 _YAML_REFUSED = re.compile("[\x7f-\x84\x86-\x9f]")
+#: Controls XML takes, but readers show as boxes and the W3C validator flags: DEL and
+#: the C1 controls (cp1252's quotes read as Latin-1: mojibake).
+_C1_CONTROLS = re.compile("[\x7f-\x9f]")
 #: An escaped backslash; or a surrogate escape, a pair's (high, low) or a lone one.
 _SURROGATE_ESCAPE = re.compile(r"\\\\|\\u((?i:d[89ab][0-9a-f]{2}))\\u((?i:d[c-f][0-9a-f]{2}))"
                                r"|\\u(?i:d[89a-f][0-9a-f]{2})")
@@ -519,7 +522,9 @@ class SourceParser:
             raise SourceError(path, f"over {MAX_AMPERSANDS:,} '&' (character references)")
         # YAML escapes and HTML character references can produce them again.
         self._images.base = link  # relative URLs are the original page's
-        cleaned = strip_xml_forbidden(self._cleaner.clean(html))
+        cleaned, controls = _C1_CONTROLS.subn("", strip_xml_forbidden(self._cleaner.clean(html)))
+        if controls:  # written as they are, or as references (&#127;)
+            warnings.append(f"body: {_count(controls, 'control character')} removed")
         content = show_lazy_images(cleaned)
         found = list(map(strip_xml_forbidden, self._images.take()))
         if content is not cleaned:  # placeholders gone: an image is one the content shows
@@ -750,6 +755,8 @@ def _text(value: Any) -> str | None:
         return None
     if isinstance(value, bytes):  # !!binary
         value = value.decode("utf-8", "replace")
+    elif isinstance(value, bool):  # as written, not as Python spells it ("True")
+        value = "true" if value else "false"
     # One spelling of each character: "Café" typed either way is one category.
     text = nfc(" ".join(strip_xml_forbidden(str(value)).split()))
     return text or None
