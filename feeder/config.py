@@ -206,8 +206,11 @@ def config_from_dict(raw: Any, root: Path) -> Config:
         _expect(value, dict, name, "a mapping")
         sections[name] = _build_section(name, cls, value, root)
     site, feeds = sections["site"], sections["feeds"]
+    base_url = site.base_url
+    if (raw.get("site") or {}).get("base_url") is None:  # where `feeder run` serves
+        base_url = served_url(sections["server"])
     sections["site"] = dataclasses.replace(
-        site, base_url=site.base_url.rstrip("/"), title=_name("site.title", site.title)
+        site, base_url=base_url.rstrip("/"), title=_name("site.title", site.title)
     )
     sections["feeds"] = dataclasses.replace(
         feeds, default_category=_name("feeds.default_category", feeds.default_category)
@@ -221,6 +224,17 @@ def config_from_dict(raw: Any, root: Path) -> Config:
         raise ConfigError("site.base_url", f"{config.site.base_url!r}: {e}") from e
     feeds = dataclasses.replace(config.feeds, slugs=_named_slugs(config.feeds.slugs))
     return dataclasses.replace(config, site=site, feeds=feeds)
+
+
+def served_url(server: ServerConfig) -> str:
+    """The URL `feeder run` serves at, as this machine reaches it: ``site.base_url``'s
+    default. (A server listening on every address is reached at 127.0.0.1.)"""
+    host = server.host
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    elif ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    return f"http://{host}:{server.port}"
 
 
 def _build_section(name: str, cls: type, raw: dict[str, Any], root: Path) -> Any:

@@ -24,7 +24,7 @@ import aiohttp
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from feeder.config import Config
+from feeder.config import Config, served_url
 from feeder.exceptions import (
     DaemonRunningError,
     FeederError,
@@ -452,9 +452,8 @@ async def _serve_and_refresh(config: Config) -> None:
                               coalesce=True, next_run_time=datetime.now(UTC))
             scheduler.start()
             watch = asyncio.create_task(daemon.watch_sources()) if config.schedule.watch else None
-            log.info("serving %s on http://%s:%d/ (feeds at %s/feeds/all/rss.xml)",
-                     config.paths.feeds, config.server.host, config.server.port,
-                     config.site.base_url)
+            log.info("serving %s on %s/ (feeds at %s/feeds/all/rss.xml)", config.paths.feeds,
+                     served_url(config.server), config.site.base_url)
             await stop.wait()
             await daemon.stop()
             scheduler.shutdown(wait=False)

@@ -181,6 +181,32 @@ def test_a_section_with_nothing_under_it_takes_the_defaults(tmp_path: Path) -> N
     assert load_config(config_file).server.port == 8080
 
 
+@pytest.mark.parametrize(("server", "base_url"), [
+    ({}, "http://127.0.0.1:8080"),
+    ({"port": 47315}, "http://127.0.0.1:47315"),
+    ({"host": "0.0.0.0", "port": 8000}, "http://127.0.0.1:8000"),  # every address
+    ({"host": "::"}, "http://127.0.0.1:8080"),
+    ({"host": "::1", "port": 8000}, "http://[::1]:8000"),
+    ({"host": "feeds.lan", "port": 80}, "http://feeds.lan:80"),
+])
+def test_base_url_is_where_the_daemon_serves_unless_given(
+        tmp_path: Path, server: dict[str, Any], base_url: str) -> None:
+    # The index page and the feeds link where readers found them, whatever the port.
+    derived = config_from_dict({"server": server, "site": {"title": "t"}}, tmp_path)
+    assert derived.site.base_url == base_url
+    given = {"server": server, "site": {"base_url": "https://feeds.example.com/x/"}}
+    assert config_from_dict(given, tmp_path).site.base_url == "https://feeds.example.com/x"
+
+
+def test_the_shipped_config_file_is_the_defaults(tmp_path: Path) -> None:
+    shipped = Path(__file__).resolve().parent.parent / "config.yaml"
+    assert load_config(shipped) == config_from_dict({}, shipped.parent)
+    # A port set in it moves the links too: no base_url in it is set by hand.
+    text = shipped.read_text(encoding="utf-8").replace("port: 8080", "port: 47315")
+    (tmp_path / "config.yaml").write_text(text, encoding="utf-8")
+    assert load_config(tmp_path / "config.yaml").site.base_url == "http://127.0.0.1:47315"
+
+
 def test_an_impossible_date_in_the_file_is_a_config_error(tmp_path: Path) -> None:
     config_file = tmp_path / "config.yaml"
     config_file.write_text("site:\n  title: 2022-02-30\n", encoding="utf-8")
