@@ -133,6 +133,8 @@ def refresh(loader: _ConfigLoader) -> None:
         answer = asyncio.run(ask_daemon(config, "POST", "/refresh"))
         if answer is not None:
             summary = RefreshSummary.from_dict(answer["summary"])
+            for error in summary.errors:  # as a refresh here logs them, on stderr
+                click.echo(error, err=True)
             click.echo(f"daemon: {summary.line()}")
             return
         summary = _refresh_here(config)

@@ -885,9 +885,13 @@ def collect_garbage(config: Config, store: Store) -> tuple[int, int, int]:
             others' images would go; or no article references an image at all (an
             unmounted share?), and every image would go.
     """
-    unfinished = store.get_meta(_RUNNING) is not None
-    if unfinished or not store.last_refreshes(1):
-        what = "the last refresh did not finish" if unfinished else "no refresh has run yet"
+    started = store.get_meta(_RUNNING)
+    if started is not None or not store.last_refreshes(1):
+        if started is None:
+            what = "no refresh has run yet"
+        else:
+            what = "failed" if _failed_since(store, started) else "did not finish"
+            what = f"the last refresh {what}"
         raise FeederError(f"{what}: run `feeder refresh` first, or the images of articles "
                           "it did not reach would be deleted")
     scan = _SourceScan.of(config.paths.sources, store)
@@ -922,16 +926,20 @@ def unfinished(config: Config, store: Store) -> bool:
     """Whether the last refresh begun neither finished nor failed (it was stopped or
     killed) and none is running now: the next one completes what it left."""
     started = store.get_meta(_RUNNING)
-    if started is None:
+    if started is None or _failed_since(store, started):
         return False
-    failure = last_failure(store)
-    if failure is not None and _instant(failure[0]) >= _instant(started):
-        return False  # it failed
     try:
         with lock(config, wait=False):
             return True
     except (LockedError, PermissionError):  # running now; or not ours to tell
         return False
+
+
+def _failed_since(store: Store, started: str) -> bool:
+    """Whether the refresh marked running since ``started`` failed (the failure
+    remembered is as late as it)."""
+    failure = last_failure(store)
+    return failure is not None and _instant(failure[0]) >= _instant(started)
 
 
 def _size(path: Path) -> int:

@@ -592,13 +592,16 @@ async def test_refresh_command_is_run_by_the_daemon(daemon: RunningDaemon):
     before = await daemon.refreshes()
     last_before = (await daemon.health())["last_refresh"]
     write_article(daemon.sources, "new/arrival.md", "新到的文章")
+    (daemon.sources / "broken.md").write_text("---\ntitle: [broken\n---\nx\n", encoding="utf-8")
 
     result = await daemon.cli("refresh")
 
     assert result.returncode == 0, result
     assert result.stdout.startswith("daemon: "), result
-    assert "1 changed" in result.stdout
+    assert "2 changed, 1 failed" in result.stdout
     assert "2 articles" in result.stdout
+    # What was refused, and why, as a refresh run here says it.
+    assert result.stderr.startswith("broken.md:3: invalid YAML front matter: "), result
     assert await daemon.refreshes() == before + 1
     assert (await daemon.health())["last_refresh"] != last_before
     rss = await daemon.get("/feeds/all/rss.xml")

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from feeder.cli import cli
 from feeder.config import Config, config_from_dict
-from feeder.exceptions import RefreshAbandoned
+from feeder.exceptions import FeederError, RefreshAbandoned
 from feeder.images import BUFFER_BYTES
 from feeder.refresh import open_refresher
 from tests.imageserver import PNG, ImageServer, hang, image, status
@@ -406,6 +406,19 @@ async def test_gc_after_an_unfinished_refresh_deletes_nothing(tmp_path, server):
     result = CliRunner().invoke(cli, ["-c", str(tmp_path / "config.yaml"), "gc"])
     assert result.exit_code == 1
     assert "the last refresh did not finish: run `feeder refresh` first" in result.output
+    assert len(list(config.paths.cache.iterdir())) == 4
+
+
+async def test_gc_after_a_failed_refresh_says_so_and_deletes_nothing(tmp_path, server):
+    config = load(write_config(tmp_path, server.url))
+    seed(config)
+    await refresh(config)
+    config.paths.sources.rename(tmp_path / "away")  # an unmounted share
+    with pytest.raises(FeederError, match="the sources folder does not exist"):
+        await refresh(config)
+    result = CliRunner().invoke(cli, ["-c", str(tmp_path / "config.yaml"), "gc"])
+    assert result.exit_code == 1
+    assert "the last refresh failed: run `feeder refresh` first" in result.output
     assert len(list(config.paths.cache.iterdir())) == 4
 
 
