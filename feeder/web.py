@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
+from multidict import CIMultiDict
 
 from feeder.config import Config
 
@@ -393,6 +394,18 @@ class CheckedFileResponse(web.FileResponse):
                 opened.close()
             raise
         return result
+
+    async def _prepare_open_file(self, request: web.BaseRequest, fobj: Any,
+                                 st: os.stat_result, file_encoding: str | None) -> Any:
+        # aiohttp reads If-Range as a date alone. One holding an entity tag that is not
+        # this file's (strongly: RFC 9110, 13.1.5) asks for the whole file, not a part
+        # of another copy to splice with the part the client has.
+        condition = request.headers.get(hdrs.IF_RANGE, "").strip()
+        etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'  # as aiohttp tags the file
+        if condition.startswith(('"', "W/")) and condition != etag:
+            request = request.clone(headers=CIMultiDict(
+                (key, value) for key, value in request.headers.items() if key != hdrs.RANGE))
+        return await super()._prepare_open_file(request, fobj, st, file_encoding)
 
     def set_status(self, status: int, reason: str | None = None) -> None:
         super().set_status(status, reason)

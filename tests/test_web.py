@@ -503,6 +503,13 @@ async def test_image_served_with_locked_down_headers(raw_client: Client) -> None
     part = await raw_client.get(f"/images/{PNG_NAME}", headers={"Range": "bytes=0-7"})
     assert part.status == 206
     assert await part.read() == PNG[:8]
+    # A part of the copy the client has (If-Range), else the whole image: no splicing.
+    for if_range, status, body in [(etag, 206, PNG[:8]), ('"another"', 200, PNG),
+                                   (f"W/{etag}", 200, PNG), (LAST_MODIFIED, 206, PNG[:8]),
+                                   ("Thu, 01 Jan 1998 00:00:00 GMT", 200, PNG)]:
+        part = await raw_client.get(f"/images/{PNG_NAME}",
+                                    headers={"Range": "bytes=0-7", "If-Range": if_range})
+        assert (part.status, await part.read()) == (status, body), if_range
     head = await raw_client.head(f"/images/{PNG_NAME}")
     assert head.status == 200
     assert head.headers["Content-Length"] == str(len(PNG))
