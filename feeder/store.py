@@ -128,6 +128,8 @@ class Store:
             if code == sqlite3.SQLITE_READONLY and not os.access(path.parent, os.W_OK):
                 # Its write-ahead log's files go beside it, even to read (`feeder status`).
                 reason += f" ({path.parent} must be writable)"
+            elif code in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
+                reason += " (once deleted, the next refresh rebuilds it)"
             raise StoreError(f"{path}: cannot open the state database: {reason}") from e
         return cls(db, path)
 

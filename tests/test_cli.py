@@ -381,6 +381,18 @@ def test_a_damaged_state_database_is_named_with_what_to_do(config_file: Path, co
         "once deleted, the next refresh rebuilds it)")
 
 
+@pytest.mark.parametrize("command", ["refresh", "status"])
+def test_a_state_database_that_is_none_is_named_with_what_to_do(
+        config_file: Path, config: Config, command: str) -> None:
+    config.paths.state.mkdir()
+    config.database.write_bytes(b"not SQLite at all, " * 100)  # say, restored wrong
+    result = run(config_file, command)
+    assert result.exit_code == 1
+    assert lines(result.output)[-1] == (
+        f"Error: {config.database}: cannot open the state database: file is not a database "
+        "(once deleted, the next refresh rebuilds it)")
+
+
 def test_status_lists_failing_sources(config_file: Path, config: Config) -> None:
     write_all(config, GOOD, BAD, WARNED)
     run(config_file, "refresh")
