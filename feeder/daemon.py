@@ -54,6 +54,8 @@ _SHUTDOWN_TIMEOUT = 5.0
 _LOCK_POLL_SECONDS = 0.2
 #: The lock file in paths.state a daemon holds for its whole life (not the refresh lock).
 DAEMON_LOCK_NAME = "daemon.lock"
+#: Bytes a Unix socket's path may have (Linux's; macOS's is 103): the control socket's.
+MAX_SOCKET_PATH = 107
 _DAEMON_KEY = web.AppKey("daemon", "Daemon")
 
 
@@ -487,8 +489,12 @@ async def _serving(config: Config, daemon: Daemon) -> AsyncIterator[None]:
         try:
             await web.UnixSite(control_runner, str(sock)).start()
         except OSError as e:
+            reason = _os_reason(e)
+            if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
+                reason += (f": {len(os.fsencode(sock))} bytes, where a socket's path may have "
+                           f"{MAX_SOCKET_PATH}; choose a shorter one")
             raise FeederError(
-                f"cannot make the control socket {sock} (paths.state): {_os_reason(e)}") from e
+                f"cannot make the control socket {sock} (paths.state): {reason}") from e
         finally:
             os.umask(old_umask)
         yield

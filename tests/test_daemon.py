@@ -841,9 +841,11 @@ async def test_run_names_a_control_socket_path_too_long(tmp_path: Path):
     config_file = write_config_file(tmp_path, paths={"state": state.name},
                                     server={"port": _free_port()})
     result = await run_cli(config_file, "run")
+    sock = state / "control.sock"
     assert _error_line(result) == (
-        f"Error: cannot make the control socket {state / 'control.sock'} (paths.state): "
-        "AF_UNIX path too long")
+        f"Error: cannot make the control socket {sock} (paths.state): AF_UNIX path too long: "
+        f"{len(os.fsencode(sock))} bytes, where a socket's path may have 107; "
+        "choose a shorter one")
 
 
 async def test_run_names_a_state_folder_that_is_a_file(tmp_path: Path):
