@@ -73,6 +73,8 @@ class CachedImage:
     size: int
     #: MIME type from the magic bytes, not from the server's header.
     mime: str
+    #: Found in the cache already (the state database was rebuilt), not downloaded.
+    adopted: bool = False
 
 
 @dataclass(frozen=True)
@@ -202,7 +204,7 @@ def _cached_file(url: str, path: Path) -> CachedImage | None:
         return None
     if kind is None or cache_name(url, kind[1]) != path.name:
         return None
-    return CachedImage(url=url, name=path.name, size=size, mime=kind[0])
+    return CachedImage(url=url, name=path.name, size=size, mime=kind[0], adopted=True)
 
 
 def retry_delay(failures: int, retry_after: float | None = None) -> timedelta:

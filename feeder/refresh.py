@@ -601,25 +601,28 @@ class Refresher:
 
     def _record_images(self, results: Sequence[ImageResult], changes: _Changes,
                        now: datetime) -> tuple[int, int]:
-        fetched: list[str] = []
-        failed = 0
+        """Store what fetching gave; the number of images downloaded (not those found in
+        the cache already), and of those that failed."""
+        cached: list[str] = []
+        downloaded = failed = 0
         with self.store.transaction():
             for result in results:
                 if isinstance(result, CachedImage):
                     info = CachedImageInfo(result.name, result.size, result.mime)
                     self.store.put_cached_image(result.url, info, now)
-                    fetched.append(result.url)
+                    cached.append(result.url)
+                    downloaded += not result.adopted
                 else:
                     failures = self.store.image_failures(result.url) + 1
                     delay = retry_delay(failures, result.retry_after)
                     self.store.put_failed_image(result.url, result.error, now + delay)
                     log.debug("image %s: %s", result.url, result.error)
                     failed += 1
-            showing = self.store.paths_showing(fetched)
+            showing = self.store.paths_showing(cached)
             changes.pages |= showing
             changes.categories |= self.store.categories_of(showing)
             self._save_pending(changes)
-        return len(fetched), failed
+        return downloaded, failed
 
     def _save_pending(self, changes: _Changes) -> None:
         """Remember what must be rebuilt, in the transaction that made it so.

@@ -909,6 +909,7 @@ def test_a_cached_file_counts_only_if_it_is_the_image_of_its_name(tmp_path: Path
     (tmp_path / cache_name(urls[2], ".png")).write_bytes(GIF)  # a GIF under .png
     (tmp_path / ("." + cache_name(urls[3], ".png") + ".tmp")).write_bytes(PNG)  # unfinished
     found, missing = find_cached(urls, tmp_path)
-    assert found == [CachedImage(urls[0], cache_name(urls[0], ".png"), len(PNG), "image/png")]
+    assert found == [CachedImage(urls[0], cache_name(urls[0], ".png"), len(PNG), "image/png",
+                                 adopted=True)]
     assert missing == urls[1:]
     assert find_cached(urls, tmp_path / "none") == ([], urls)
