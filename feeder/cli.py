@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn, TimeElapsedColumn
@@ -146,11 +147,48 @@ def _refresh_here(config: Config) -> RefreshSummary:
 
     with lock(config), open_refresher(config) as refresher:
         if not sys.stderr.isatty():
-            return asyncio.run(refresher.refresh())
+            return asyncio.run(_until_stopped(refresher.refresh()))
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn())
         with RichBar(*columns, transient=True) as bar:
-            return asyncio.run(refresher.refresh(TerminalProgress(bar)))
+            return asyncio.run(_until_stopped(refresher.refresh(TerminalProgress(bar))))
+
+
+async def _until_stopped(refresh: Coroutine[Any, Any, RefreshSummary]) -> RefreshSummary:
+    """``refresh``, abandoned on SIGTERM or SIGHUP (a closed terminal) as on Ctrl-C.
+
+    Killed instead, it would leave its worker processes to notice, and their
+    semaphores to multiprocessing's complaints. (SIGHUP is left ignored under nohup.)
+
+    Raises:
+        RefreshAbandoned: a signal stopped it; what it wrote is whole.
+    """
+    from feeder.exceptions import RefreshAbandoned
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    received: list[signal.Signals] = []
+
+    def stop(sig: signal.Signals) -> None:
+        if not received:  # once: a second cancel would stop its wait for the thread
+            task.cancel()
+        received.append(sig)
+
+    signals = [sig for sig in (signal.SIGTERM, signal.SIGHUP)
+               if signal.getsignal(sig) != signal.SIG_IGN]
+    for sig in signals:
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        return await refresh
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        raise RefreshAbandoned(f"refresh stopped by {received[0].name}: every file it wrote "
+                               "is whole, and the next refresh completes it") from None
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
 
 
 @cli.command()

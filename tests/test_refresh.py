@@ -1185,6 +1185,35 @@ def test_kill_9_of_a_refresh_leaves_no_worker_process(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: no worker processes")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_refresh_stopped_by_a_signal_says_so_and_leaves_nothing_running(
+        tmp_path: Path, sig: signal.Signals) -> None:
+    config_file = write_config_file(tmp_path)
+    write_corpus(load_config(config_file), feeder.refresh._POOL_MIN_SOURCES)
+    command = [sys.executable, "-m", "feeder", "-c", str(config_file), "refresh"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        workers = wait_for_workers(process.pid, 2, process.poll)
+        process.send_signal(sig)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 1, err
+    assert err.splitlines()[-1] == (f"Error: refresh stopped by {sig.name}: every file it "
+                                    "wrote is whole, and the next refresh completes it")
+    assert "leaked" not in err  # multiprocessing's complaint of a killed pool
+    assert not any(map(running, workers))
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                           check=False)
+    assert again.returncode == 0, again.stderr
+    assert f" {feeder.refresh._POOL_MIN_SOURCES} articles" in again.stdout
+
+
+@pytest.mark.slow
 def test_kill_9_never_leaves_a_broken_file(tmp_path: Path) -> None:
     overrides = {"feeds": {"items": 10}}
     config_file = write_config_file(tmp_path, **overrides)
