@@ -142,10 +142,28 @@ def refresh(loader: _ConfigLoader) -> None:
     click.echo(summary.line())
 
 
-def _refresh_here(config: Config) -> RefreshSummary:
-    from feeder.refresh import lock, open_refresher
+@contextmanager
+def _refresh_lock(config: Config) -> Iterator[None]:
+    """Hold the refresh lock; waiting for another refresh to end, if one runs, says so."""
+    from feeder.exceptions import LockedError
+    from feeder.refresh import refresh_lock
 
-    with lock(config), open_refresher(config) as refresher:
+    held = refresh_lock(config)
+    try:
+        held.acquire(wait=False)
+    except LockedError:
+        click.echo("another refresh is running: waiting for it to end", err=True)
+        held.acquire()
+    try:
+        yield
+    finally:
+        held.release()
+
+
+def _refresh_here(config: Config) -> RefreshSummary:
+    from feeder.refresh import open_refresher
+
+    with _refresh_lock(config), open_refresher(config) as refresher:
         if not sys.stderr.isatty():
             return asyncio.run(_until_stopped(refresher.refresh()))
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -327,10 +345,10 @@ def _echo_some(lines: list[str], what: str) -> None:
 @click.pass_obj
 def gc(loader: _ConfigLoader) -> None:
     """Delete cached images that no article references any more."""
-    from feeder.refresh import collect_garbage, lock
+    from feeder.refresh import collect_garbage
 
     config = loader.load()
-    with _known_errors(config), lock(config):
+    with _known_errors(config), _refresh_lock(config):
         store = Store.open(config.database)
         try:
             removed, freed, kept = collect_garbage(config, store)

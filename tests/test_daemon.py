@@ -40,6 +40,7 @@ import pytest
 import yaml
 from multidict import CIMultiDict
 
+from feeder.config import load_config
 from feeder.daemon import Daemon, _is_watched_source, run_daemon
 from feeder.exceptions import DaemonRunningError, RefreshAbandoned
 from feeder.refresh import open_refresher
@@ -772,6 +773,27 @@ async def run_cli(config_file: Path, *args: str) -> CliResult:
         cwd=config_file.parent, env=_env(), stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     ))
+
+
+@pytest.mark.parametrize("command", ["refresh", "gc"])
+async def test_a_command_waiting_for_another_refresh_says_so(tmp_path: Path, command: str):
+    config_file = write_config_file(tmp_path, server={"port": _free_port()})
+    config = load_config(config_file)
+    write_article(config.paths.sources, "a.md", "A")
+    assert (await run_cli(config_file, "refresh")).returncode == 0  # gc needs one
+    with hold_lock(config.lock_file) as release:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "feeder", "-c", str(config_file), command,
+            cwd=tmp_path, env=_env(), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stderr is not None
+        line = await asyncio.wait_for(proc.stderr.readline(), START_TIMEOUT)
+        assert line == b"another refresh is running: waiting for it to end\n"
+        assert proc.returncode is None
+        release()
+        result = await finish(proc)
+    assert result.returncode == 0, result
+    assert result.stdout.startswith("1 files scanned" if command == "refresh" else "0 cached")
 
 
 async def test_two_daemons_started_at_once_on_one_state_leave_one_running(tmp_path: Path):
