@@ -611,7 +611,8 @@ class Refresher:
                     info = CachedImageInfo(result.name, result.size, result.mime)
                     self.store.put_cached_image(result.url, info, now)
                     cached.append(result.url)
-                    downloaded += not result.adopted
+                    if not result.adopted:
+                        downloaded += 1
                 else:
                     failures = self.store.image_failures(result.url) + 1
                     delay = retry_delay(failures, result.retry_after)

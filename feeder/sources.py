@@ -602,9 +602,9 @@ def text_of_cleaned(cleaned: str) -> str:
     """The text of HTML as nh3 writes it, white space collapsed.
 
     Its tags are regular enough to drop by pattern, in a third of the time parsing
-    it again takes; those of :data:`SEPARATING_ELEMENTS` leave a space (``<p>One.</p>
-    <p>Two.</p>`` reads "One. Two."). A tag cut short at the end (by a window's cut)
-    is dropped too.
+    it again takes; those of :data:`SEPARATING_ELEMENTS` leave a space, so that
+    ``<p>One.</p><p>Two.</p>`` reads "One. Two.". A tag cut short at the end (by a
+    window's cut) is dropped too.
     """
     text = _WRITTEN_TAG.sub("", _SEPARATING_TAG.sub(" ", cleaned)).partition("<")[0]
     return " ".join(html.unescape(text).split())

@@ -29,7 +29,6 @@ from typing import Any, Protocol
 
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
-from multidict import CIMultiDict
 
 from feeder.config import Config
 
@@ -403,8 +402,8 @@ class CheckedFileResponse(web.FileResponse):
         condition = request.headers.get(hdrs.IF_RANGE, "").strip()
         etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'  # as aiohttp tags the file
         if condition.startswith(('"', "W/")) and condition != etag:
-            request = request.clone(headers=CIMultiDict(
-                (key, value) for key, value in request.headers.items() if key != hdrs.RANGE))
+            request = request.clone(headers=[
+                (key, value) for key, value in request.headers.items() if key != hdrs.RANGE])
         return await super()._prepare_open_file(request, fobj, st, file_encoding)
 
     def set_status(self, status: int, reason: str | None = None) -> None:
