@@ -59,9 +59,11 @@ _SOURCE_ENDINGS = tuple(SOURCE_SUFFIXES)
 _XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 #: What YAML refuses besides: DEL and the C1 controls but NEL.
 _YAML_REFUSED = re.compile("[\x7f-\x84\x86-\x9f]")
-#: Controls XML takes, but readers show as boxes and the W3C validator flags: DEL and
-#: the C1 controls (cp1252's quotes read as Latin-1: mojibake).
-_C1_CONTROLS = re.compile("[\x7f-\x9f]")
+#: What leaves a body once cleaned, in one pass: what XML forbids, which character
+#: references can make again (&#1;); and DEL and the C1 controls, which XML takes but
+#: readers show as boxes and the W3C validator flags (cp1252's quotes read as Latin-1).
+_REMOVED_FROM_BODY = re.compile(
+    "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
 #: An escaped backslash; or a surrogate escape, a pair's (high, low) or a lone one.
 _SURROGATE_ESCAPE = re.compile(r"\\\\|\\u((?i:d[89ab][0-9a-f]{2}))\\u((?i:d[c-f][0-9a-f]{2}))"
                                r"|\\u(?i:d[89a-f][0-9a-f]{2})")
@@ -520,10 +522,9 @@ class SourceParser:
             raise SourceError(path, f"HTML nested deeper than {MAX_DEPTH} elements")
         if html.count("&") > MAX_AMPERSANDS:
             raise SourceError(path, f"over {MAX_AMPERSANDS:,} '&' (character references)")
-        # YAML escapes and HTML character references can produce them again.
         self._images.base = link  # relative URLs are the original page's
-        cleaned, controls = _C1_CONTROLS.subn("", strip_xml_forbidden(self._cleaner.clean(html)))
-        if controls:  # written as they are, or as references (&#127;)
+        cleaned, controls = _REMOVED_FROM_BODY.subn("", self._cleaner.clean(html))
+        if controls:
             warnings.append(f"body: {_count(controls, 'control character')} removed")
         content = show_lazy_images(cleaned)
         found = list(map(strip_xml_forbidden, self._images.take()))
