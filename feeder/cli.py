@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 from collections.abc import Coroutine, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -142,22 +142,12 @@ def refresh(loader: _ConfigLoader) -> None:
     click.echo(summary.line())
 
 
-@contextmanager
-def _refresh_lock(config: Config) -> Iterator[None]:
-    """Hold the refresh lock; waiting for another refresh to end, if one runs, says so."""
-    from feeder.exceptions import LockedError
-    from feeder.refresh import refresh_lock
+def _refresh_lock(config: Config) -> AbstractContextManager[None]:
+    """The refresh lock; waiting for another refresh to end, if one runs, says so."""
+    from feeder.refresh import lock
 
-    held = refresh_lock(config)
-    try:
-        held.acquire(wait=False)
-    except LockedError:
-        click.echo("another refresh is running: waiting for it to end", err=True)
-        held.acquire()
-    try:
-        yield
-    finally:
-        held.release()
+    return lock(config, on_wait=lambda: click.echo(
+        "another refresh is running: waiting for it to end", err=True))
 
 
 def _refresh_here(config: Config) -> RefreshSummary:

@@ -865,10 +865,21 @@ def refresh_lock(config: Config) -> FileLock:
 
 
 @contextmanager
-def lock(config: Config, *, wait: bool = True) -> Iterator[None]:
-    """Hold the refresh lock for the duration of a ``with`` block."""
+def lock(config: Config, *, wait: bool = True,
+         on_wait: Callable[[], object] | None = None) -> Iterator[None]:
+    """Hold the refresh lock for the duration of a ``with`` block.
+
+    ``on_wait`` is called first if another process holds it, and it must be waited for.
+    """
     held = refresh_lock(config)
-    held.acquire(wait)
+    if on_wait is None or not wait:
+        held.acquire(wait)
+    else:
+        try:
+            held.acquire(wait=False)
+        except LockedError:
+            on_wait()
+            held.acquire()
     try:
         yield
     finally:
@@ -893,9 +904,10 @@ def collect_garbage(config: Config, store: Store) -> tuple[int, int, int]:
     if started is not None or not store.last_refreshes(1):
         if started is None:
             what = "no refresh has run yet"
+        elif _failed_since(store, started):
+            what = "the last refresh failed"
         else:
-            what = "failed" if _failed_since(store, started) else "did not finish"
-            what = f"the last refresh {what}"
+            what = "the last refresh did not finish"
         raise FeederError(f"{what}: run `feeder refresh` first, or the images of articles "
                           "it did not reach would be deleted")
     scan = _SourceScan.of(config.paths.sources, store)
